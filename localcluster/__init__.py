@@ -1,0 +1,1 @@
+"""One-machine stand-in for Kubernetes: API server emulator, process kubelet, SeaweedFS and Prometheus."""

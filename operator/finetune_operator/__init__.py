@@ -1,0 +1,1 @@
+"""The FineTuneJob operator (kopf): turns each FineTuneJob into a gang of torchrun pods."""

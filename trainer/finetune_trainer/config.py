@@ -1,0 +1,432 @@
+"""The trainer's configuration contract: typed, documented, loadable from JSON or YAML, importable without torch.
+
+The operator renders this configuration from a FineTuneJob into the job's ConfigMap (``config.json``); a person
+can write one by hand and run ``python -m finetune_trainer --config FILE``. Keys are camelCase, exactly as in the
+FineTuneJob spec, so a job's fields and the trainer's settings read the same. Every setting has a default where
+a sensible one exists; unknown keys, wrong types and out-of-range values are errors whose message names the
+field (``training.learningRate: must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+URI_PATTERN = re.compile(r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*)$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or out of range; the message starts with the field path."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"{field_path}: {problem}")
+        self.field_path = field_path
+        self.problem = problem
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Who this run belongs to (labels on metrics, Pushgateway grouping)."""
+
+    name: str = _help("FineTuneJob name.", "local")
+    namespace: str = _help("FineTuneJob namespace.", "default")
+    attempt: int = _help("Attempt (gang incarnation) this run is part of.", 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    uri: str = _help("Base model folder in Hugging Face layout: s3://bucket/prefix or file:///path.")
+    revision: str | None = _help("Free-form revision label, recorded in result.json.", None)
+    sha256: str | None = _help("Expected SHA-256 of the weights file; a mismatch fails the download.", None)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    uri: str = _help("A .jsonl/.json/.parquet file or a prefix of them.")
+    format: Literal["text", "promptCompletion", "chat"] = _help("Row layout.", "chat")
+    evalSplit: float | None = _help(
+        "Fraction of rows held out for evaluation (0.1 when evalUri is absent).", None
+    )
+    evalUri: str | None = _help("Separate evaluation data.", None)
+    textField: str = _help("Column of format 'text'.", "text")
+    promptField: str = _help("Prompt column of format 'promptCompletion'.", "prompt")
+    completionField: str = _help("Completion column of format 'promptCompletion'.", "completion")
+    messagesField: str = _help("Messages column of format 'chat'.", "messages")
+    maxMalformedRows: int = _help(
+        "Malformed rows that may be skipped (counted, logged); 0 fails on the first.", 0
+    )
+
+    @property
+    def effective_eval_split(self) -> float:
+        if self.evalUri:
+            return 0.0
+        return 0.1 if self.evalSplit is None else self.evalSplit
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = _help("Prefix for checkpoints/, model/ and result.json.")
+    export: Literal["adapter", "merged", "full"] | None = _help(
+        "What model/ holds; default 'adapter' for LoRA and 'full' otherwise.", None
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _help("Adapter rank.", 16)
+    alpha: int = _help("Scaling numerator (update scaled by alpha / r).", 32)
+    dropout: float = _help("Dropout on the adapter input.", 0.05)
+    targetModules: list[str] = _help(
+        "Modules to adapt; empty means the model type's attention projections.", default_factory=list
+    )
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: int = _help("Evaluations without improvement before stopping.")
+    metric: Literal["evalLoss"] = _help("Watched metric (lower is better).", "evalLoss")
+    minDelta: float = _help("Smallest decrease that counts as an improvement.", 0.0)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    method: Literal["full", "lora"] = _help("'full' or 'lora'.", "full")
+    lora: LoraConfig | None = _help("LoRA settings (method 'lora' only).", None)
+    learningRate: float = _help("Peak learning rate.", 2e-4)
+    weightDecay: float = _help("AdamW weight decay.", 0.0)
+    epochs: float | None = _help("Passes over the data; exactly one of epochs and maxSteps.", None)
+    maxSteps: int | None = _help("Optimizer steps; exactly one of epochs and maxSteps.", None)
+    batchSize: int = _help("Sequences per device per micro-step.", 1)
+    gradientAccumulationSteps: int = _help("Micro-steps per optimizer step.", 1)
+    maxSeqLength: int = _help("Truncation length in tokens.", 1024)
+    packing: bool = _help("Pack several examples per sequence.", False)
+    warmupRatio: float = _help("Fraction of steps warming the learning rate up.", 0.0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
+        "LR schedule.", "cosine"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _help(
+        "'auto': bf16 on capable GPUs, fp32 on CPU.", "auto"
+    )
+    gradientCheckpointing: bool = _help("Recompute activations to save memory.", False)
+    seed: int = _help("Seed for data order, dropout and new weights.", 42)
+    evalEvery: int | None = _help("Evaluate every N steps (and at the end).", None)
+    logEvery: int = _help("Log metrics every N steps.", 10)
+    earlyStopping: EarlyStoppingConfig | None = _help("Stop when eval loss stops improving.", None)
+
+    @property
+    def effective_lora(self) -> LoraConfig:
+        return self.lora or LoraConfig()
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zeroStage: int = _help("ZeRO stage 0-3.", 2)
+    offloadOptimizer: bool = _help("Optimizer states in CPU memory (stage >= 2).", False)
+    offloadParams: bool = _help("Parameters in CPU memory (stage 3).", False)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    everySteps: int | None = _help("Checkpoint every N optimizer steps.", None)
+    everyMinutes: float | None = _help(
+        "Checkpoint when this many minutes passed (30 when neither is set).", None
+    )
+    keep: int = _help("Newest complete checkpoints kept, plus the best.", 3)
+    gracePeriodSeconds: int = _help("Budget after SIGTERM for the emergency checkpoint and its upload.", 120)
+
+    @property
+    def effective_every_minutes(self) -> float | None:
+        if self.everySteps is None and self.everyMinutes is None:
+            return 30.0
+        return self.everyMinutes
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = _help("Metrics port of local rank 0; local rank N listens on port + N.", 9400)
+    pushgateway: str | None = _help("Pushgateway URL rank 0 pushes to at each log and at exit.", None)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint: str | None = _help(
+        "S3-compatible endpoint; default from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.", None
+    )
+    region: str | None = _help("Region; default from AWS_REGION / AWS_DEFAULT_REGION.", None)
+    forcePathStyle: bool = _help("Path-style addressing.", False)
+
+
+@dataclass(frozen=True)
+class LocalPathsConfig:
+    cacheDir: str = _help("Node-local model and data cache (shared by the ranks of a pod).", "/scratch/cache")
+    workDir: str = _help("Node-local folder for checkpoints before upload and the export.", "/scratch/work")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything one run of the trainer needs; the gang's shape comes from torchrun's environment."""
+
+    model: ModelConfig = _help("Base model.")
+    dataset: DatasetConfig = _help("Training data.")
+    output: OutputConfig = _help("Where results go.")
+    training: TrainingConfig = _help("Optimisation recipe.", default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = _help("DeepSpeed ZeRO settings.", default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = _help(
+        "Checkpoint cadence and retention.", default_factory=CheckpointConfig
+    )
+    metrics: MetricsConfig = _help("Prometheus endpoint.", default_factory=MetricsConfig)
+    storage: StorageConfig = _help(
+        "Object storage access (credentials come from the default chain).", default_factory=StorageConfig
+    )
+    local: LocalPathsConfig = _help("Node-local paths.", default_factory=LocalPathsConfig)
+    job: JobConfig = _help("Owning FineTuneJob.", default_factory=JobConfig)
+
+    @property
+    def export(self) -> str:
+        if self.output.export:
+            return self.output.export
+        return "adapter" if self.training.method == "lora" else "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return typing.cast(dict[str, Any], _to_dict(self))
+
+    def config_hash(self) -> str:
+        """Hash of what must not change across a resume (the recipe, the data, the model)."""
+        import hashlib
+
+        recipe = {k: self.to_dict()[k] for k in ("model", "dataset", "training", "deepspeed")}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def _to_dict(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _to_dict(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None
+        }
+    if isinstance(value, list):
+        return [_to_dict(v) for v in value]
+    return value
+
+
+def _describe(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, path)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(path, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {_describe(value)}")
+        (item_type,) = get_args(tp)
+        return [_convert(item_type, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(typing.cast(type[Any], tp), value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be a boolean, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"must be an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"must be a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _from_dict(cls: type[T], data: Any, path: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<root>", f"must be an object, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(_join(path, key), f"unknown field (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        where = _join(path, name)
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(where, "required")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_range(
+    path: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_exclusive: bool = False,
+) -> None:
+    if value is None:
+        return
+    if low is not None and (value <= low if low_exclusive else value < low):
+        raise ConfigError(path, f"must be {'>' if low_exclusive else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise ConfigError(path, f"must be <= {high:g}, got {value:g}")
+
+
+def validate(config: TrainerConfig) -> TrainerConfig:
+    """The checks types cannot express; returns ``config`` unchanged or raises ConfigError."""
+    for where, uri in (
+        ("model.uri", config.model.uri),
+        ("dataset.uri", config.dataset.uri),
+        ("dataset.evalUri", config.dataset.evalUri),
+        ("output.uri", config.output.uri),
+    ):
+        if uri is not None and not URI_PATTERN.match(uri):
+            raise ConfigError(where, f"must be s3://bucket/key or file:///absolute/path, got {uri!r}")
+    if config.model.sha256 is not None and not re.fullmatch(r"[a-f0-9]{64}", config.model.sha256):
+        raise ConfigError("model.sha256", "must be 64 lowercase hex digits")
+    d = config.dataset
+    _check_range("dataset.evalSplit", d.evalSplit, 0, 0.5, low_exclusive=True)
+    if d.evalSplit is not None and d.evalUri is not None:
+        raise ConfigError("dataset.evalSplit", "set either dataset.evalSplit or dataset.evalUri, not both")
+    _check_range("dataset.maxMalformedRows", d.maxMalformedRows, 0)
+    t = config.training
+    if (t.epochs is None) == (t.maxSteps is None):
+        raise ConfigError("training.epochs", "set exactly one of training.epochs and training.maxSteps")
+    _check_range("training.epochs", t.epochs, 0, 1000, low_exclusive=True)
+    _check_range("training.maxSteps", t.maxSteps, 1)
+    _check_range("training.learningRate", t.learningRate, 0, 1, low_exclusive=True)
+    _check_range("training.weightDecay", t.weightDecay, 0, 1)
+    _check_range("training.batchSize", t.batchSize, 1)
+    _check_range("training.gradientAccumulationSteps", t.gradientAccumulationSteps, 1)
+    _check_range("training.maxSeqLength", t.maxSeqLength, 8)
+    _check_range("training.warmupRatio", t.warmupRatio, 0, 0.5)
+    _check_range("training.seed", t.seed, 0)
+    _check_range("training.evalEvery", t.evalEvery, 1)
+    _check_range("training.logEvery", t.logEvery, 1)
+    if t.lora is not None and t.method != "lora":
+        raise ConfigError("training.lora", "only allowed with training.method 'lora'")
+    lora = t.effective_lora
+    _check_range("training.lora.r", lora.r, 1)
+    _check_range("training.lora.alpha", lora.alpha, 1)
+    _check_range("training.lora.dropout", lora.dropout, 0, 0.9)
+    if t.earlyStopping is not None:
+        if t.evalEvery is None:
+            raise ConfigError("training.earlyStopping", "needs training.evalEvery")
+        _check_range("training.earlyStopping.patience", t.earlyStopping.patience, 1)
+        _check_range("training.earlyStopping.minDelta", t.earlyStopping.minDelta, 0)
+    if config.output.export in ("adapter", "merged") and t.method != "lora":
+        raise ConfigError("output.export", f"{config.output.export!r} needs training.method 'lora'")
+    ds = config.deepspeed
+    _check_range("deepspeed.zeroStage", ds.zeroStage, 0, 3)
+    if ds.offloadOptimizer and ds.zeroStage < 2:
+        raise ConfigError("deepspeed.offloadOptimizer", "needs zeroStage 2 or 3")
+    if ds.offloadParams and ds.zeroStage != 3:
+        raise ConfigError("deepspeed.offloadParams", "needs zeroStage 3")
+    c = config.checkpoint
+    _check_range("checkpoint.everySteps", c.everySteps, 1)
+    _check_range("checkpoint.everyMinutes", c.everyMinutes, 0, low_exclusive=True)
+    _check_range("checkpoint.keep", c.keep, 1)
+    _check_range("checkpoint.gracePeriodSeconds", c.gracePeriodSeconds, 1)
+    _check_range("metrics.port", config.metrics.port, 1, 65535)
+    if config.metrics.pushgateway is not None and not re.match(r"^https?://\S+$", config.metrics.pushgateway):
+        raise ConfigError("metrics.pushgateway", "must be an http(s) URL")
+    if config.storage.endpoint is not None and not re.match(r"^https?://\S+$", config.storage.endpoint):
+        raise ConfigError("storage.endpoint", "must be an http(s) URL")
+    return config
+
+
+def config_from_dict(data: Any) -> TrainerConfig:
+    """A validated TrainerConfig from plain data (parsed JSON or YAML)."""
+    return validate(_from_dict(TrainerConfig, data, ""))
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """A validated TrainerConfig from a .json, .yaml or .yml file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from exc
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}") from exc
+    return config_from_dict(data)
+
+
+def describe_fields(cls: type[Any] = TrainerConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(path, default, help) for every setting, for ``--help-config`` and the docs."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = _join(prefix, f.name)
+        tp = hints[f.name]
+        inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] or (
+            [tp] if dataclasses.is_dataclass(tp) else []
+        )
+        if inner:
+            rows.append((path, "", f.metadata.get("help", "")))
+            rows += describe_fields(typing.cast(type[Any], inner[0]), path)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(_to_dict(f.default_factory()))
+        else:
+            default = "(required)"
+        rows.append((path, default, f.metadata.get("help", "")))
+    return rows
