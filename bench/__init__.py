@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks that print ratio tables (never timed tests)."""
