@@ -460,6 +460,14 @@ class APIServer:
                                                                  strict=strict)))
         elif subresource == "log" and method == "GET":
             return await self._serve_log(request, rt, namespace or "", name)
+        elif subresource == "binding" and method == "POST":
+            body = await self._read_body(request)
+            target = (body or {}).get("target") or {}
+            if not target.get("name"):
+                raise APIError(400, "BadRequest", "a Binding needs target.name", {})
+            self.store.bind(rt, namespace, name, str(target["name"]))
+            return _json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                   "code": 201}, status=201)
         elif subresource == "eviction" and method == "POST":
             body = await self._read_body(request)
             options = self._parse_delete_options(request, (body or {}).get("deleteOptions") or {})

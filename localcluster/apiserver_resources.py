@@ -175,7 +175,7 @@ def builtin_resource_types() -> list[ResourceType]:
     """The built-in kinds the operator, the kubelet, kopf and kubectl use; all share generic semantics."""
     return [
         _core("pods", "Pod", namespaced=True, short_names=("po",), categories=("all",),
-              subresources=("status", "log", "eviction")),
+              subresources=("status", "log", "eviction", "binding")),
         _core("services", "Service", namespaced=True, short_names=("svc",), categories=("all",),
               subresources=("status",), name_rule="label1035"),
         _core("endpoints", "Endpoints", namespaced=True, short_names=("ep",)),
@@ -276,10 +276,13 @@ def resource_types_from_crd(
 # ---- discovery documents ------------------------------------------------------------------------------
 
 
+_SUBRESOURCE_KINDS = {"eviction": "Eviction", "binding": "Binding"}
+
+
 def _verbs_for_subresource(subresource: str) -> list[str]:
     if subresource == "log":
         return ["get"]
-    if subresource == "eviction":
+    if subresource in ("eviction", "binding"):
         return ["create"]
     return ["get", "patch", "update"]
 
@@ -306,7 +309,7 @@ def legacy_resource_list(group: str, version: str, types: Iterable[ResourceType]
                 "name": f"{rt.plural}/{subresource}",
                 "singularName": "",
                 "namespaced": rt.namespaced,
-                "kind": "Eviction" if subresource == "eviction" else rt.kind,
+                "kind": _SUBRESOURCE_KINDS.get(subresource, rt.kind),
                 "verbs": _verbs_for_subresource(subresource),
             })
     return {
@@ -378,7 +381,7 @@ def aggregated_discovery(
                             "responseKind": {
                                 "group": "policy" if subresource == "eviction" else rt.group,
                                 "version": "v1" if subresource == "eviction" else rt.version,
-                                "kind": "Eviction" if subresource == "eviction" else rt.kind,
+                                "kind": _SUBRESOURCE_KINDS.get(subresource, rt.kind),
                             },
                             "verbs": _verbs_for_subresource(subresource),
                         }

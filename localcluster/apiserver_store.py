@@ -687,6 +687,19 @@ class ObjectStore:
             return self._remove(rt, obj, old=current)
         return self._store(rt, obj, "MODIFIED", current)
 
+    def bind(self, rt: ResourceType, namespace: str | None, name: str, node_name: str) -> Obj:
+        """pods/binding: the scheduler's one way to set spec.nodeName, once."""
+        current = self.get(rt, namespace, name)
+        bound = (current.get("spec") or {}).get("nodeName")
+        if bound:
+            raise APIError(409, "Conflict", f'Operation cannot be fulfilled on pods/binding "{name}": pod {name} is '
+                           f"already assigned to node \"{bound}\"", {"name": name, "kind": "pods"})
+        if current["metadata"].get("deletionTimestamp"):
+            raise APIError(409, "Conflict", f'pod "{name}" is being deleted, cannot be assigned to a host',
+                           {"name": name, "kind": "pods"})
+        obj = {**current, "spec": {**(current.get("spec") or {}), "nodeName": node_name}}
+        return self._store(rt, obj, "MODIFIED", current)
+
     @staticmethod
     def _check_pod_update(rt: ResourceType, current: Obj, obj: Obj) -> None:
         def comparable(spec: Any) -> Any:

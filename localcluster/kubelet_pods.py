@@ -1,0 +1,634 @@
+"""Pure translations for the process kubelet: quantities, scheduling fit, env, hosts files, status, file_sd."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+Obj = Mapping[str, Any]
+
+NODE_NAME = "localnode"
+SCHEDULER_NAME = "default-scheduler"
+GPU_RESOURCE = "nvidia.com/gpu"
+SCHEDULED_RESOURCES = ("cpu", "memory", GPU_RESOURCE)
+TERMINATION_MESSAGE_LIMIT = 4096
+# What the real kubelet keeps of the log for FallbackToLogsOnError.
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+CLUSTER_DOMAIN = "cluster.local"
+
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIXES = {
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+    "P": Decimal("1e15"), "E": Decimal("1e18"),
+}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+
+
+class QuantityError(ValueError):
+    """A resource quantity the API server would have rejected."""
+
+
+class ContainerConfigError(Exception):
+    """The container cannot be created yet (missing secret, configmap or key); the kubelet retries."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def parse_quantity(value: str | int | float) -> Decimal:
+    """A Kubernetes quantity ("500m", "24Gi", "1e3", 2) as an exact Decimal in base units."""
+    if isinstance(value, int | float):
+        return Decimal(str(value))
+    match = _QUANTITY.match(value.strip())
+    if match is None:
+        raise QuantityError(f"quantities must match the regular expression of Kubernetes: {value!r}")
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        base = Decimal(number)
+    except InvalidOperation as error:
+        raise QuantityError(f"invalid quantity {value!r}") from error
+    if suffix in _BINARY_SUFFIXES:
+        return base * _BINARY_SUFFIXES[suffix]
+    return base * _DECIMAL_SUFFIXES[suffix]
+
+
+def format_quantity(name: str, amount: Decimal) -> str:
+    """How the scheduler and kubectl would print an amount of resource `name`."""
+    if name == "cpu" and amount != amount.to_integral_value():
+        return f"{int(amount * 1000)}m"
+    if name == "memory" and amount >= 2**20 and amount % 2**20 == 0:
+        return f"{int(amount / 2**20)}Mi"
+    return str(int(amount)) if amount == amount.to_integral_value() else str(amount)
+
+
+Resources = dict[str, Decimal]
+
+
+def container_requests(container: Obj) -> Resources:
+    """Requests of one container; a limit stands in for a missing request, as the API server defaults it."""
+    resources = container.get("resources") or {}
+    limits = resources.get("limits") or {}
+    requests = {**limits, **(resources.get("requests") or {})}
+    return {name: parse_quantity(value) for name, value in requests.items()}
+
+
+def pod_requests(pod: Obj) -> Resources:
+    """Effective pod requests: the sum over containers, at least the largest init container, plus overhead."""
+    spec = pod.get("spec") or {}
+    total: Resources = {}
+    for container in spec.get("containers") or []:
+        for name, amount in container_requests(container).items():
+            total[name] = total.get(name, Decimal(0)) + amount
+    for container in spec.get("initContainers") or []:
+        for name, amount in container_requests(container).items():
+            total[name] = max(total.get(name, Decimal(0)), amount)
+    for name, value in (spec.get("overhead") or {}).items():
+        total[name] = total.get(name, Decimal(0)) + parse_quantity(value)
+    return total
+
+
+def subtract(available: Resources, used: Resources) -> Resources:
+    return {name: amount - used.get(name, Decimal(0)) for name, amount in available.items()}
+
+
+def add(total: Resources, more: Resources) -> Resources:
+    result = dict(total)
+    for name, amount in more.items():
+        result[name] = result.get(name, Decimal(0)) + amount
+    return result
+
+
+def toleration_matches(toleration: Obj, taint: Obj) -> bool:
+    effect = toleration.get("effect") or ""
+    if effect and effect != taint.get("effect"):
+        return False
+    operator = toleration.get("operator") or "Equal"
+    key = toleration.get("key") or ""
+    if operator == "Exists":
+        return not key or key == taint.get("key")
+    return key == taint.get("key") and (toleration.get("value") or "") == (taint.get("value") or "")
+
+
+def untolerated_taints(pod: Obj, taints: Sequence[Obj]) -> list[Obj]:
+    tolerations = (pod.get("spec") or {}).get("tolerations") or []
+    return [
+        taint
+        for taint in taints
+        if taint.get("effect") in ("NoSchedule", "NoExecute")
+        and not any(toleration_matches(toleration, taint) for toleration in tolerations)
+    ]
+
+
+def _expression_matches(expression: Obj, labels: Mapping[str, str]) -> bool:
+    key, operator = expression.get("key", ""), expression.get("operator", "")
+    values = expression.get("values") or []
+    value = labels.get(key)
+    match operator:
+        case "In":
+            return value is not None and value in values
+        case "NotIn":
+            return value is None or value not in values
+        case "Exists":
+            return value is not None
+        case "DoesNotExist":
+            return value is None
+        case "Gt" | "Lt":
+            try:
+                number, bound = int(value or ""), int(values[0])
+            except (ValueError, IndexError):
+                return False
+            return number > bound if operator == "Gt" else number < bound
+    return False
+
+
+def node_affinity_matches(pod: Obj, node_labels: Mapping[str, str], node_name: str) -> bool:
+    """nodeSelector and required node affinity (matchExpressions and metadata.name matchFields)."""
+    spec = pod.get("spec") or {}
+    for key, value in (spec.get("nodeSelector") or {}).items():
+        if node_labels.get(key) != value:
+            return False
+    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    fields = {"metadata.name": node_name}
+    # Terms are ORed, expressions within a term ANDed, like the real scheduler.
+    return any(
+        all(_expression_matches(e, node_labels) for e in term.get("matchExpressions") or [])
+        and all(_expression_matches(e, fields) for e in term.get("matchFields") or [])
+        for term in terms
+    )
+
+
+def unschedulable_reasons(
+    pod: Obj, free: Resources, node_labels: Mapping[str, str], taints: Sequence[Obj], node_name: str
+) -> list[str]:
+    """Why the pod does not fit the node, in the real scheduler's words; empty when it fits.
+
+    Filters run in the scheduler's order and the first failing one answers, as with a single node.
+    """
+    bad_taints = untolerated_taints(pod, taints)
+    if bad_taints:
+        taint = bad_taints[0]
+        shown = f"{taint.get('key')}: {taint.get('value')}" if taint.get("value") else str(taint.get("key"))
+        return [f"node(s) had untolerated taint {{{shown}}}"]
+    if not node_affinity_matches(pod, node_labels, node_name):
+        return ["node(s) didn't match Pod's node affinity/selector"]
+    insufficient = [
+        f"Insufficient {name}"
+        for name, amount in sorted(pod_requests(pod).items())
+        if amount > 0 and amount > free.get(name, Decimal(0))
+        and (name in free or name in SCHEDULED_RESOURCES or "/" in name)
+    ]
+    return insufficient
+
+
+def failed_scheduling_message(reasons: Sequence[str], nodes: int = 1) -> str:
+    """"0/1 nodes are available: 1 Insufficient nvidia.com/gpu." as the real scheduler words it."""
+    parts = ", ".join(f"{nodes} {reason}" for reason in sorted(reasons))
+    return f"0/{nodes} nodes are available: {parts}."
+
+
+# ---- env ----------------------------------------------------------------------------------------------
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: known names are replaced, `$$` escapes, unknown references stay as is."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "$" or i + 1 == len(text):
+            out.append(char)
+            i += 1
+            continue
+        following = text[i + 1]
+        if following == "$":
+            out.append("$")
+            i += 2
+        elif following == "(":
+            close = text.find(")", i + 2)
+            if close == -1:
+                out.append(text[i:])
+                break
+            name = text[i + 2 : close]
+            out.append(variables[name] if name in variables else text[i : close + 1])
+            i = close + 1
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+@dataclass
+class PodContext:
+    """What env and downward-API volumes may refer to besides the pod itself."""
+
+    pod_ip: str
+    host_ip: str = "127.0.0.1"
+    node_allocatable: Resources = field(default_factory=dict)
+
+
+def field_ref_value(pod: Obj, path: str, context: PodContext) -> str:
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    labelled = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if labelled:
+        return str((metadata.get(labelled.group(1)) or {}).get(labelled.group(2), ""))
+    simple = {
+        "metadata.name": metadata.get("name", ""),
+        "metadata.namespace": metadata.get("namespace", "default"),
+        "metadata.uid": metadata.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName") or NODE_NAME,
+        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
+        "status.podIP": context.pod_ip,
+        "status.podIPs": context.pod_ip,
+        "status.hostIP": context.host_ip,
+        "status.hostIPs": context.host_ip,
+    }
+    if path in simple:
+        return str(simple[path])
+    if path in ("metadata.labels", "metadata.annotations"):
+        values = metadata.get(path.split(".")[1]) or {}
+        return "\n".join(f'{key}="{value}"' for key, value in sorted(values.items()))
+    raise ContainerConfigError("CreateContainerConfigError", f"unsupported fieldRef fieldPath {path!r}")
+
+
+def resource_field_value(pod: Obj, container: Obj, ref: Obj, context: PodContext) -> str:
+    """limits.cpu / requests.memory & co; a missing limit is the node's allocatable, like the real kubelet."""
+    name = ref.get("containerName")
+    if name:
+        container = next(
+            (c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == name), container
+        )
+    kind, _, resource = str(ref.get("resource", "")).partition(".")
+    resources = container.get("resources") or {}
+    raw = (resources.get(kind) or {}).get(resource)
+    if raw is None and kind == "requests":
+        raw = (resources.get("limits") or {}).get(resource)
+    amount = parse_quantity(raw) if raw is not None else None
+    if amount is None:
+        amount = context.node_allocatable.get(resource, Decimal(0)) if kind == "limits" else Decimal(0)
+    divisor = parse_quantity(ref.get("divisor") or "1")
+    return str(math.ceil(amount / divisor))
+
+
+def _decoded(data: Mapping[str, str], kind: str) -> dict[str, str]:
+    if kind == "Secret":
+        return {key: base64.b64decode(value).decode("utf-8", errors="replace") for key, value in data.items()}
+    return dict(data)
+
+
+def resolve_env(
+    pod: Obj,
+    container: Obj,
+    context: PodContext,
+    configmaps: Mapping[str, Obj | None],
+    secrets: Mapping[str, Obj | None],
+) -> dict[str, str]:
+    """The container's own environment (envFrom, then env) with `$(VAR)` expanded in order.
+
+    `configmaps`/`secrets` map the names the container refers to onto objects (None when absent); a missing
+    non-optional reference raises ContainerConfigError with the real kubelet's message.
+    """
+    namespace = (pod.get("metadata") or {}).get("namespace", "default")
+    env: dict[str, str] = {}
+
+    def source(kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        objects = secrets if kind == "Secret" else configmaps
+        obj = objects.get(name)
+        if obj is None:
+            if optional:
+                return None
+            raise ContainerConfigError("CreateContainerConfigError", f'{kind.lower()} "{name}" not found')
+        data = _decoded(obj.get("data") or {}, kind)
+        if kind == "Secret":
+            data.update(obj.get("stringData") or {})
+        else:
+            data.update({k: base64.b64decode(v).decode("utf-8", "replace")
+                         for k, v in (obj.get("binaryData") or {}).items()})
+        return data
+
+    for entry in container.get("envFrom") or []:
+        prefix = entry.get("prefix") or ""
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            ref = entry.get(key)
+            if ref:
+                data = source(kind, ref.get("name", ""), bool(ref.get("optional")))
+                for name, value in (data or {}).items():
+                    env[prefix + name] = value
+
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "valueFrom" not in item:
+            env[name] = expand(str(item.get("value", "")), env)
+            continue
+        value_from = item["valueFrom"]
+        for kind, key in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
+            ref = value_from.get(key)
+            if ref is None:
+                continue
+            optional = bool(ref.get("optional"))
+            data = source(kind, ref.get("name", ""), optional)
+            if data is None:
+                break
+            if ref.get("key") not in data:
+                if optional:
+                    break
+                raise ContainerConfigError(
+                    "CreateContainerConfigError",
+                    f"couldn't find key {ref.get('key')} in {kind} {namespace}/{ref.get('name')}",
+                )
+            env[name] = data[ref["key"]]
+            break
+        else:
+            if "fieldRef" in value_from:
+                env[name] = field_ref_value(pod, value_from["fieldRef"].get("fieldPath", ""), context)
+            elif "resourceFieldRef" in value_from:
+                env[name] = resource_field_value(pod, container, value_from["resourceFieldRef"], context)
+    return env
+
+
+def referenced_objects(pod: Obj) -> tuple[set[str], set[str]]:
+    """Names of the ConfigMaps and Secrets the pod's env and volumes use, to fetch before starting it."""
+    configmaps: set[str] = set()
+    secrets: set[str] = set()
+    spec = pod.get("spec") or {}
+    for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        for entry in container.get("envFrom") or []:
+            if entry.get("configMapRef"):
+                configmaps.add(entry["configMapRef"].get("name", ""))
+            if entry.get("secretRef"):
+                secrets.add(entry["secretRef"].get("name", ""))
+        for item in container.get("env") or []:
+            value_from = item.get("valueFrom") or {}
+            if value_from.get("configMapKeyRef"):
+                configmaps.add(value_from["configMapKeyRef"].get("name", ""))
+            if value_from.get("secretKeyRef"):
+                secrets.add(value_from["secretKeyRef"].get("name", ""))
+    for volume in spec.get("volumes") or []:
+        if volume.get("configMap"):
+            configmaps.add(volume["configMap"].get("name", ""))
+        if volume.get("secret"):
+            secrets.add(volume["secret"].get("secretName", ""))
+        for projected in (volume.get("projected") or {}).get("sources") or []:
+            if projected.get("configMap"):
+                configmaps.add(projected["configMap"].get("name", ""))
+            if projected.get("secret"):
+                secrets.add(projected["secret"].get("name", ""))
+    return configmaps, secrets
+
+
+# ---- volumes ------------------------------------------------------------------------------------------
+
+
+def volume_files(
+    volume: Obj,
+    pod: Obj,
+    context: PodContext,
+    configmaps: Mapping[str, Obj | None],
+    secrets: Mapping[str, Obj | None],
+) -> dict[str, tuple[bytes, int]] | None:
+    """The files (relative path → bytes, mode) of a configMap/secret/downwardAPI/projected volume.
+
+    None for volume kinds that are directories rather than generated files (emptyDir, hostPath, PVC).
+    A missing non-optional source raises ContainerConfigError with reason FailedMount.
+    """
+    name = volume.get("name", "")
+
+    def from_source(kind: str, source: Obj, obj_name: str, default_mode: int) -> dict[str, tuple[bytes, int]]:
+        objects = secrets if kind == "Secret" else configmaps
+        obj = objects.get(obj_name)
+        if obj is None:
+            if source.get("optional"):
+                return {}
+            raise ContainerConfigError(
+                "FailedMount",
+                f'MountVolume.SetUp failed for volume "{name}" : {kind.lower()} "{obj_name}" not found',
+            )
+        data: dict[str, bytes] = {}
+        for key, value in (obj.get("data") or {}).items():
+            data[key] = base64.b64decode(value) if kind == "Secret" else str(value).encode()
+        for key, value in (obj.get("binaryData") or {}).items():
+            data[key] = base64.b64decode(value)
+        for key, value in (obj.get("stringData") or {}).items():
+            data[key] = str(value).encode()
+        mode = int(source.get("defaultMode", default_mode))
+        items = source.get("items")
+        if not items:
+            return {key: (value, mode) for key, value in data.items()}
+        files: dict[str, tuple[bytes, int]] = {}
+        for item in items:
+            if item.get("key") not in data:
+                if source.get("optional"):
+                    continue
+                raise ContainerConfigError(
+                    "FailedMount",
+                    f'MountVolume.SetUp failed for volume "{name}" : configmap references non-existent '
+                    f'config key: {item.get("key")}' if kind == "ConfigMap" else
+                    f'MountVolume.SetUp failed for volume "{name}" : references non-existent secret key: '
+                    f'{item.get("key")}',
+                )
+            files[item.get("path") or item["key"]] = (data[item["key"]], int(item.get("mode", mode)))
+        return files
+
+    def downward(items: Iterable[Obj], default_mode: int) -> dict[str, tuple[bytes, int]]:
+        files: dict[str, tuple[bytes, int]] = {}
+        for item in items:
+            if item.get("fieldRef"):
+                value = field_ref_value(pod, item["fieldRef"].get("fieldPath", ""), context)
+            else:
+                value = resource_field_value(pod, {}, item.get("resourceFieldRef") or {}, context)
+            files[item.get("path", "")] = (value.encode(), int(item.get("mode", default_mode)))
+        return files
+
+    if volume.get("configMap") is not None:
+        cm = volume["configMap"]
+        return from_source("ConfigMap", cm, cm.get("name", ""), 0o644)
+    if volume.get("secret") is not None:
+        secret = volume["secret"]
+        return from_source("Secret", secret, secret.get("secretName", ""), 0o644)
+    if volume.get("downwardAPI") is not None:
+        spec = volume["downwardAPI"]
+        return downward(spec.get("items") or [], int(spec.get("defaultMode", 0o644)))
+    if volume.get("projected") is not None:
+        projected = volume["projected"]
+        mode = int(projected.get("defaultMode", 0o644))
+        files: dict[str, tuple[bytes, int]] = {}
+        for entry in projected.get("sources") or []:
+            if entry.get("configMap"):
+                files.update(from_source("ConfigMap", entry["configMap"], entry["configMap"].get("name", ""), mode))
+            elif entry.get("secret"):
+                files.update(from_source("Secret", entry["secret"], entry["secret"].get("name", ""), mode))
+            elif entry.get("downwardAPI"):
+                files.update(downward(entry["downwardAPI"].get("items") or [], mode))
+        return files
+    return None
+
+
+def safe_relative(path: str) -> bool:
+    """A volume item path may not escape its volume, as the API server validates."""
+    parts = path.split("/")
+    return bool(path) and not path.startswith("/") and ".." not in parts
+
+
+# ---- DNS via /etc/hosts -------------------------------------------------------------------------------
+
+
+def pod_hostname(pod: Obj) -> str:
+    spec = pod.get("spec") or {}
+    return str(spec.get("hostname") or (pod.get("metadata") or {}).get("name", "pod"))[:63]
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def headless_records(
+    pods: Iterable[tuple[Obj, str]], services: Iterable[Obj]
+) -> dict[str, list[tuple[str, list[str]]]]:
+    """Per namespace, (ip, names) lines that a cluster DNS would answer for headless Services.
+
+    `pods` are (pod, ip) pairs of pods that have an address. A pod is a member of a headless Service when
+    the Service selects it or its `subdomain` names the Service; it answers to
+    `<hostname>.<service>[.<ns>[.svc[.cluster.local]]]`, and the Service's own name answers with every member.
+    """
+    pods = list(pods)
+    records: dict[str, list[tuple[str, list[str]]]] = {}
+    for service in services:
+        if (service.get("spec") or {}).get("clusterIP") != "None":
+            continue
+        metadata = service.get("metadata") or {}
+        namespace, service_name = metadata.get("namespace", "default"), metadata.get("name", "")
+        selector = (service.get("spec") or {}).get("selector") or {}
+        for pod, ip in pods:
+            pod_meta = pod.get("metadata") or {}
+            if pod_meta.get("namespace", "default") != namespace:
+                continue
+            selected = selector_matches(selector, pod_meta.get("labels") or {})
+            if not (selected or (pod.get("spec") or {}).get("subdomain") == service_name):
+                continue
+            base = f"{pod_hostname(pod)}.{service_name}"
+            names = [f"{base}.{namespace}.svc.{CLUSTER_DOMAIN}", f"{base}.{namespace}.svc", f"{base}.{namespace}",
+                     base, f"{service_name}.{namespace}.svc.{CLUSTER_DOMAIN}", f"{service_name}.{namespace}.svc"]
+            records.setdefault(namespace, []).append((ip, names))
+    return records
+
+
+def hosts_file(pod: Obj, ip: str, namespace_records: Sequence[tuple[str, list[str]]]) -> str:
+    """/etc/hosts for one pod: localhost, its own names, then the headless-Service names of its namespace."""
+    hostname = pod_hostname(pod)
+    spec = pod.get("spec") or {}
+    namespace = (pod.get("metadata") or {}).get("namespace", "default")
+    own = [hostname]
+    if spec.get("subdomain"):
+        own.insert(0, f"{hostname}.{spec['subdomain']}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    lines = [
+        "# Kubernetes-managed hosts file (local kubelet): pod names of headless Services stand in for DNS.",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{ip}\t{' '.join(own)}",
+    ]
+    seen = {(ip, name) for name in own}
+    for peer_ip, names in namespace_records:
+        fresh = [name for name in names if (peer_ip, name) not in seen]
+        seen.update((peer_ip, name) for name in fresh)
+        if fresh:
+            lines.append(f"{peer_ip}\t{' '.join(fresh)}")
+    for alias in spec.get("hostAliases") or []:
+        lines.append(f"{alias.get('ip')}\t{' '.join(alias.get('hostnames') or [])}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- status -------------------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def termination_message(
+    message_file_text: str, policy: str, exit_code: int, log_tail: str
+) -> str:
+    """The container's termination message: its file, or the log tail for FallbackToLogsOnError failures."""
+    message = message_file_text[:TERMINATION_MESSAGE_LIMIT]
+    if not message.strip() and policy == "FallbackToLogsOnError" and exit_code != 0:
+        lines = log_tail.splitlines()[-FALLBACK_LOG_LINES:]
+        tail = "\n".join(lines).encode()[-FALLBACK_LOG_BYTES:]
+        return tail.decode("utf-8", errors="ignore")
+    return message
+
+
+def exit_code_of(returncode: int) -> int:
+    """A process returncode as a container runtime reports it: killed by signal N → 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def condition(
+    kind: str, status: bool, previous: Sequence[Obj], reason: str | None = None, message: str | None = None
+) -> dict[str, Any]:
+    """A pod condition keeping its lastTransitionTime while its status does not change."""
+    text = "True" if status else "False"
+    old = next((c for c in previous if c.get("type") == kind), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == text else None
+    result: dict[str, Any] = {
+        "type": kind, "status": text, "lastProbeTime": None, "lastTransitionTime": since or now_iso(),
+    }
+    if reason:
+        result["reason"] = reason
+    if message:
+        result["message"] = message
+    return result
+
+
+def qos_class(pod: Obj) -> str:
+    containers = (pod.get("spec") or {}).get("containers") or []
+    requests = [(c.get("resources") or {}).get("requests") or {} for c in containers]
+    limits = [(c.get("resources") or {}).get("limits") or {} for c in containers]
+    if not any(requests) and not any(limits):
+        return "BestEffort"
+    guaranteed = all(
+        lim.get("cpu") and lim.get("memory")
+        and all(parse_quantity(req.get(k, lim[k])) == parse_quantity(lim[k]) for k in ("cpu", "memory"))
+        for req, lim in zip(requests, limits, strict=True)
+    )
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+# ---- Prometheus service discovery ---------------------------------------------------------------------
+
+
+def _label_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def file_sd_targets(pods: Iterable[tuple[Obj, str]]) -> list[dict[str, Any]]:
+    """Prometheus file_sd groups for pods annotated prometheus.io/scrape="true" and prometheus.io/port."""
+    groups: list[dict[str, Any]] = []
+    for pod, ip in pods:
+        metadata = pod.get("metadata") or {}
+        annotations = metadata.get("annotations") or {}
+        if str(annotations.get("prometheus.io/scrape", "")).lower() != "true":
+            continue
+        port = str(annotations.get("prometheus.io/port", "")).strip()
+        if not port.isdigit():
+            continue
+        labels = {"namespace": metadata.get("namespace", "default"), "pod": metadata.get("name", "")}
+        for key, value in (metadata.get("labels") or {}).items():
+            if key.startswith("finetune.dev/"):
+                labels[_label_name(key)] = str(value)
+        if annotations.get("prometheus.io/path"):
+            labels["__metrics_path__"] = str(annotations["prometheus.io/path"])
+        groups.append({"targets": [f"{ip}:{port}"], "labels": labels})
+    return sorted(groups, key=lambda group: (group["labels"]["namespace"], group["labels"]["pod"]))
