@@ -1,0 +1,293 @@
+"""P5, the operator on the local API emulator: FineTuneJob → pods latency, 200 jobs at once, RSS, API writes.
+
+    python -m bench.bench_operator [--jobs 50] [--burst 200] [--nodes 2]
+
+The emulator (``python -m localcluster.apiserver --no-kubelet``) and the operator (``python -m finetune_operator``)
+run as separate processes, as in a cluster; this process plays the user and the kubelet (it patches pod phases).
+Latency is from the POST of a FineTuneJob to the watch event of its last pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import psutil
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+JOBS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
+GOALS = {"p50": 0.050, "p99": 0.250, "burst": 15.0, "rss": 200.0}
+WRITE_VERBS = ("create", "patch", "patch_status", "delete")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _job(name: str, nodes: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://models/tiny-gpt2"},
+            "dataset": {"uri": "s3://datasets/support/train.jsonl"},
+            "output": {"uri": f"s3://finetune-output/{name}"},
+            "training": {"maxSteps": 60},
+            "distributed": {"nodes": nodes},
+            "resources": {"cpu": "2", "memory": "4Gi"},
+            "storage": {"credentialsSecret": "s3-credentials"},
+        },
+    }
+
+
+class Watch:
+    """One watch stream; every event is handed to ``on_event`` with the time it arrived."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str,
+                 on_event: Callable[[str, dict[str, Any], float], None]) -> None:
+        self.session, self.url, self.on_event = session, url, on_event
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with self.session.get(self.url, params={"watch": "1"},
+                                    timeout=aiohttp.ClientTimeout(total=None)) as response:
+            async for raw in response.content:
+                if raw.strip():
+                    event = json.loads(raw)
+                    self.on_event(event["type"], event["object"], time.perf_counter())
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.perf_counter() + timeout
+    while not check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def _operator_metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for match in re.finditer(r'^finetune_operator_api_requests_total\{verb="(\w+)"\} ([0-9.e+]+)$', text, re.M):
+        values[match.group(1)] = float(match.group(2))
+    return values
+
+
+async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    kubeconfig = workdir / "kubeconfig"
+    api_port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    api_log = (workdir / "apiserver.log").open("wb")
+    apiserver = subprocess.Popen(
+        [sys.executable, "-m", "localcluster.apiserver", "--port", str(api_port), "--crds", str(REPO / "crds"),
+         "--kubeconfig", str(kubeconfig), "--no-kubelet"], env=env, stdout=subprocess.PIPE, stderr=api_log)
+    operator: subprocess.Popen[bytes] | None = None
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        assert apiserver.stdout is not None
+        url = apiserver.stdout.readline().decode().strip()
+        if not url.startswith("http"):
+            raise RuntimeError(f"the API emulator did not start; see {workdir / 'apiserver.log'}")
+        metrics_port, health_port = _free_port(), _free_port()
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(kubeconfig), "--bind-address",
+             "127.0.0.1", "--metrics-port", str(metrics_port), "--health-port", str(health_port),
+             "--log-level", "WARNING"],
+            env=env, stdout=(workdir / "operator.log").open("wb"), stderr=subprocess.STDOUT)
+        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=100)) as session:
+            deadline = time.perf_counter() + 60
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{health_port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.perf_counter() > deadline or operator.poll() is not None:
+                    raise RuntimeError(f"the operator did not start; see {workdir / 'operator.log'}")
+                await asyncio.sleep(0.1)
+
+            pods_seen: dict[str, set[str]] = defaultdict(set)
+            pod_times: dict[str, float] = {}
+            phases: dict[str, str] = {}
+            job_writes: dict[str, set[str]] = defaultdict(set)
+
+            def on_pod(kind: str, pod: dict[str, Any], now: float) -> None:
+                job = pod["metadata"].get("labels", {}).get("finetune.dev/job-name")
+                if kind == "ADDED" and job:
+                    pods_seen[job].add(pod["metadata"]["name"])
+                    if len(pods_seen[job]) == args.nodes:
+                        pod_times.setdefault(job, now)
+
+            def on_job(kind: str, job: dict[str, Any], now: float) -> None:
+                name = job["metadata"]["name"]
+                phases[name] = (job.get("status") or {}).get("phase", "")
+                job_writes[name].add(job["metadata"]["resourceVersion"])
+
+            async def namespace(name: str) -> None:
+                async with session.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
+                                                                    "metadata": {"name": name}}) as response:
+                    response.raise_for_status()
+
+            async def create(ns: str, name: str) -> float:
+                started = time.perf_counter()
+                async with session.post(JOBS.format(ns=ns), json=_job(name, args.nodes)) as response:
+                    if response.status != 201:
+                        raise RuntimeError(f"create {name}: {response.status} {await response.text()}")
+                return started
+
+            async def patch_pod(ns: str, name: str, status: dict[str, Any]) -> None:
+                async with session.patch(f"/api/v1/namespaces/{ns}/pods/{name}/status", data=json.dumps(
+                        {"status": status}), headers={"Content-Type": "application/merge-patch+json"}) as response:
+                    response.raise_for_status()
+
+            def has_pods(name: str) -> Callable[[], bool]:
+                return lambda: name in pod_times
+
+            watches = [Watch(session, "/api/v1/pods", on_pod),
+                       Watch(session, "/apis/finetune.dev/v1alpha1/finetunejobs", on_job)]
+            for watch in watches:
+                watch.start()
+            await asyncio.sleep(0.2)
+
+            # 1. Latency, one job at a time (after a warm-up job).
+            await namespace("latency")
+            latencies: list[float] = []
+            for i in range(args.jobs + 1):
+                name = f"lat-{i}"
+                started = await create("latency", name)
+                await _until(has_pods(name), 10, f"pods of {name}")
+                if i:
+                    latencies.append(pod_times[name] - started)
+            p50, p99 = statistics.median(latencies), _percentile(latencies, 99)
+            rows.append(("FineTuneJob → all pods exist, p50", f"{p50 * 1000:.1f} ms",
+                         f"≤ {GOALS['p50'] * 1000:.0f} ms", "ok" if p50 <= GOALS["p50"] else "MISSED"))
+            rows.append(("FineTuneJob → all pods exist, p99", f"{p99 * 1000:.1f} ms",
+                         f"≤ {GOALS['p99'] * 1000:.0f} ms", "ok" if p99 <= GOALS["p99"] else "MISSED"))
+
+            # 2. A burst of jobs created at once: all with pods, then all Running once their pods run.
+            await namespace("burst")
+            names = [f"burst-{i}" for i in range(args.burst)]
+            started = time.perf_counter()
+            await asyncio.gather(*(create("burst", name) for name in names))
+            created = time.perf_counter()
+            await _until(lambda: all(name in pod_times for name in names), 120, "the burst's pods")
+            with_pods = time.perf_counter() - started
+            running_started = time.perf_counter()
+            await asyncio.gather(*(
+                patch_pod("burst", f"{name}-a0-n{rank}", {"phase": "Running", "podIP": "10.0.0.1"})
+                for name in names for rank in range(args.nodes)
+            ))
+            await _until(lambda: all(phases.get(name) == "Running" for name in names), 120, "the burst Running")
+            all_running = time.perf_counter() - started
+            rows.append((f"{args.burst} jobs at once → all have pods", f"{with_pods:.2f} s",
+                         f"(POSTs took {created - started:.2f} s)", ""))
+            rows.append((f"{args.burst} jobs at once → all Running", f"{all_running:.2f} s",
+                         f"≤ {GOALS['burst']:.0f} s", "ok" if all_running <= GOALS["burst"] else "MISSED"))
+            rows.append(("  of which: pods patched Running → jobs Running",
+                         f"{time.perf_counter() - running_started:.2f} s", "", ""))
+            await asyncio.sleep(3 * 5)  # a few resync timer rounds with every job live
+            rss = psutil.Process(operator.pid).memory_info().rss / 2**20
+            total = args.jobs + 1 + args.burst
+            rows.append((f"operator RSS with {total} jobs", f"{rss:.0f} MB", f"≤ {GOALS['rss']:.0f} MB",
+                         "ok" if rss <= GOALS["rss"] else "MISSED"))
+
+            # 3. API writes of one whole lifecycle: create → Running → rank 0 exits 0 → Succeeded → deleted.
+            await namespace("life")
+            before = _operator_metrics(metrics_port)
+            lifecycle = [f"life-{i}" for i in range(10)]
+            await asyncio.gather(*(create("life", name) for name in lifecycle))
+            await _until(lambda: all(name in pod_times for name in lifecycle), 30, "lifecycle pods")
+            await asyncio.gather(*(patch_pod("life", f"{name}-a0-n{rank}", {"phase": "Running"})
+                                   for name in lifecycle for rank in range(args.nodes)))
+            await _until(lambda: all(phases.get(name) == "Running" for name in lifecycle), 30, "lifecycle Running")
+            terminated = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+            await asyncio.gather(*(patch_pod("life", f"{name}-a0-n0", {
+                "phase": "Succeeded", "containerStatuses": [{"name": "trainer", "state": terminated}]})
+                for name in lifecycle))
+            await _until(lambda: all(phases.get(name) == "Succeeded" for name in lifecycle), 30, "Succeeded")
+            await asyncio.sleep(1.0)
+            for name in lifecycle:
+                async with session.delete(JOBS.format(ns="life") + "/" + name) as response:
+                    response.raise_for_status()
+            await asyncio.sleep(2.0)
+            after = _operator_metrics(metrics_port)
+            own = {verb: (after.get(verb, 0) - before.get(verb, 0)) / len(lifecycle) for verb in WRITE_VERBS}
+            # Every write to the FineTuneJob (status patches, kopf's finalizer and annotation) bumps its
+            # resourceVersion; the test's own two (create, delete) are not the operator's.
+            job_object = statistics.mean(len(job_writes[name]) - 2 for name in lifecycle)
+            kopf_writes = job_object - own["patch_status"]
+            detail = ", ".join(f"{verb} {count:.1f}" for verb, count in own.items())
+            rows.append((f"API writes per job lifecycle ({args.nodes} nodes)",
+                         f"{sum(own.values()) + kopf_writes:.1f}",
+                         f"operator client: {detail}; kopf on the job: {kopf_writes:.1f}", ""))
+            for watch in watches:
+                await watch.stop()
+    finally:
+        if operator is not None:
+            operator.terminate()
+            try:
+                operator.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+        apiserver.terminate()
+        try:
+            apiserver.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            apiserver.kill()
+        api_log.close()
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    widths = [max(len(row[i]) for row in [("measure", "value", "goal / detail", "")] + rows) for i in range(4)]
+    header = ("measure", "value", "goal / detail", "")
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=50, help="jobs for the latency percentiles")
+    parser.add_argument("--burst", type=int, default=200, help="jobs created at once")
+    parser.add_argument("--nodes", type=int, default=2, help="pods per job")
+    args = parser.parse_args(sys.argv[1:] if argv is None and __name__ == "__main__" else argv or [])
+    print_table(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The whole local cluster in one object: API server, kubelet, SeaweedFS, Prometheus, and the real operator.
+
+    with LocalCluster(work_dir) as cluster:
+        cluster.kubectl("apply", "-f", "examples/tiny-cpu.yaml")
+        cluster.wait_for_job("tiny-cpu", phases={"Succeeded"})
+
+What the local cluster translates so that the operator and the trainer run unchanged:
+- The node's environment gives every pod ``AWS_ENDPOINT_URL_S3`` and ``AWS_REGION`` pointing at SeaweedFS, the
+  way a cloud's pod-identity webhook injects its region and endpoints; credentials still come from the job's
+  Secret (``s3-credentials``, created here with SeaweedFS's keys).
+- Pods are processes in their own mount and UTS namespaces with their own loopback address, hostname and
+  ``/etc/hosts`` (``kubelet_sandbox.py``), so headless-Service DNS names resolve as in a cluster.
+- The operator runs as a subprocess of this one (``python -m finetune_operator``) with an explicit kubeconfig.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from localcluster.apiserver import APIServer, running_apiserver, write_kubeconfig
+from localcluster.kubelet import Kubelet
+from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
+from localcluster.seaweedfs import SeaweedFS, free_ports
+
+REPO = Path(__file__).resolve().parent.parent
+CRDS = REPO / "crds"
+NAMESPACE = "default"
+CREDENTIALS_SECRET = "s3-credentials"
+REGION = "us-east-1"
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not start, or something in it did not happen in time."""
+
+
+def _machine_memory() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1])}Ki"
+    except OSError:
+        pass
+    return "8Gi"
+
+
+class LocalCluster:
+    """Starts everything in ``start()`` (or ``with``) and stops everything it started in ``stop()``."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        gpus: int = 0,
+        cpu: str | None = None,
+        memory: str | None = None,
+        with_prometheus: bool = True,
+        with_operator: bool = True,
+        operator_args: Iterable[str] = (),
+        quiet: bool = True,
+    ) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.gpus = gpus
+        self.cpu = cpu or str(os.cpu_count() or 2)
+        self.memory = memory or _machine_memory()
+        self.with_prometheus = with_prometheus and prometheus_available()
+        self.with_operator = with_operator
+        self.operator_args = list(operator_args)
+        self.quiet = quiet
+        self.kubeconfig = self.work_dir / "kubeconfig"
+        self.s3 = SeaweedFS(self.work_dir / "s3")
+        self.server: APIServer | None = None
+        self.kubelet: Kubelet | None = None
+        self.prometheus: Prometheus | None = None
+        self.pushgateway: Pushgateway | None = None
+        self.operator: subprocess.Popen[bytes] | None = None
+        self.operator_metrics_port, self.operator_health_port = free_ports(2)
+        self.operator_log = self.work_dir / "operator.log"
+        self._stack = contextlib.ExitStack()
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.s3.start()
+            self._stack.callback(self.s3.stop)
+            self.server = self._stack.enter_context(running_apiserver(crds=CRDS, kubeconfig=self.kubeconfig))
+            write_kubeconfig(self.kubeconfig, self.server.url, namespace=NAMESPACE)
+            node_env = {"AWS_ENDPOINT_URL_S3": self.s3.endpoint_url, "AWS_REGION": REGION}
+            self.kubelet = self._stack.enter_context(
+                Kubelet(
+                    self.server.url,
+                    self.work_dir / "kubelet",
+                    self.cpu,
+                    self.memory,
+                    self.gpus,
+                    extra_env=node_env,
+                    log_server=self.server,
+                )
+            )
+            self._create_credentials_secret()
+            if self.with_prometheus:
+                self._start_prometheus()
+            if self.with_operator:
+                self.start_operator()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.stop_operator()
+        self._stack.close()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _start_prometheus(self) -> None:
+        assert self.kubelet is not None
+        gateway = None
+        if pushgateway_available():
+            self.pushgateway = self._stack.enter_context(Pushgateway(self.work_dir / "pushgateway"))
+            gateway = self.pushgateway.address
+        self.prometheus = self._stack.enter_context(
+            Prometheus(
+                self.work_dir / "prometheus",
+                static_targets=[f"127.0.0.1:{self.operator_metrics_port}"],
+                file_sd_files=[self.kubelet.file_sd_path],
+                pushgateway=gateway,
+            )
+        )
+
+    def _create_credentials_secret(self) -> None:
+        data = {"AWS_ACCESS_KEY_ID": self.s3.access_key, "AWS_SECRET_ACCESS_KEY": self.s3.secret_key}
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": CREDENTIALS_SECRET, "namespace": NAMESPACE},
+            "type": "Opaque",
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
+        self.kubectl("apply", "-f", "-", input=json.dumps(secret))
+
+    # --- the operator -------------------------------------------------------------------------------------
+
+    def start_operator(self) -> None:
+        """Start the real operator as a subprocess watching the default namespace."""
+        if self.operator is not None and self.operator.poll() is None:
+            return
+        command = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--namespace",
+            NAMESPACE,
+            "--metrics-port",
+            str(self.operator_metrics_port),
+            "--health-port",
+            str(self.operator_health_port),
+            "--bind-address",
+            "127.0.0.1",
+            *self.operator_args,
+        ]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"}
+        log = self.operator_log.open("ab")
+        self.operator = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
+        )
+        log.close()
+        self._wait_operator_healthy()
+
+    def _wait_operator_healthy(self, timeout: float = 60) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.operator_health_port}/healthz"
+        while time.monotonic() < deadline:
+            if self.operator is None or self.operator.poll() is not None:
+                raise ClusterError(f"the operator exited at start; its log:\n{self.operator_log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.2)
+        raise ClusterError(f"the operator did not become healthy in {timeout:.0f} s:\n{self.operator_log_tail()}")
+
+    def stop_operator(self, *, kill: bool = False) -> None:
+        """Stop the operator (SIGTERM, or SIGKILL with ``kill=True`` to simulate a crash)."""
+        process, self.operator = self.operator, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def operator_log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.operator_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no operator log)"
+
+    # --- helpers for people and tests ----------------------------------------------------------------------
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
+        """Run the real kubectl against this cluster; returns stdout (raises with stderr on failure)."""
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise ClusterError("kubectl is not on PATH")
+        command = [
+            kubectl,
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--cache-dir",
+            str(self.work_dir / "kubectl-cache"),
+            *args,
+        ]
+        result = subprocess.run(command, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout if result.returncode == 0 else result.stdout + result.stderr
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def get_job(self, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
+        result: dict[str, Any] = self.get_json("finetunejob", name, "-n", namespace)
+        return result
+
+    def pods(self, job: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.get_json("pods", "-n", namespace, "-l", f"finetune.dev/job-name={job}")[
+            "items"
+        ]
+        return items
+
+    def wait_for_job(
+        self,
+        name: str,
+        *,
+        phases: Iterable[str] = TERMINAL_PHASES,
+        timeout: float = 600,
+        namespace: str = NAMESPACE,
+        poll: float = 1.0,
+    ) -> dict[str, Any]:
+        """Wait until the job's phase is one of ``phases``; a terminal phase that was not asked for raises."""
+        wanted = set(phases)
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.get_job(name, namespace)
+            phase = job.get("status", {}).get("phase")
+            if phase in wanted:
+                return job
+            if phase in TERMINAL_PHASES:
+                raise ClusterError(f"job {name} ended {phase}: {json.dumps(job.get('status'), indent=1)}")
+            time.sleep(poll)
+        raise ClusterError(
+            f"job {name} did not reach {sorted(wanted)} in {timeout:.0f} s; status: "
+            f"{json.dumps(job.get('status'), indent=1)}\noperator log:\n{self.operator_log_tail(30)}"
+        )
+
+    def pod_log(self, name: str, namespace: str = NAMESPACE) -> str:
+        return self.kubectl("logs", name, "-n", namespace, check=False)
+
+
+@contextlib.contextmanager
+def local_cluster(work_dir: Path, **kwargs: Any) -> Iterator[LocalCluster]:
+    """``LocalCluster`` as a context manager function."""
+    with LocalCluster(work_dir, **kwargs) as cluster:
+        yield cluster

@@ -1,0 +1,349 @@
+"""A small async Kubernetes API layer on aiohttp: create-if-absent, tolerant deletes, labelled lists, status patches.
+
+It shares kopf's credentials (``kopf.ConnectionInfo``, built here from an explicit kubeconfig or the in-cluster
+service account) but keeps its own connection pool, so hundreds of concurrent reconciles do not queue behind
+kopf's watch streams. Every request and every failure is counted by verb for the operator's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+import kopf
+import yaml
+
+from finetune_operator import constants as c
+from finetune_operator.metrics import OperatorMetrics
+
+SERVICE_ACCOUNT_DIR: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_TIMEOUT_SECONDS: Final = 30.0
+# Concurrent connections to the API server: plenty for 200 simultaneous reconciles, gentle on a real server.
+DEFAULT_POOL_SIZE: Final = 64
+
+_PLURALS: Final = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events"}
+
+
+class ApiError(Exception):
+    """An API request failed; ``status`` is the HTTP status (0 when the server could not be reached)."""
+
+    def __init__(self, verb: str, status: int, message: str) -> None:
+        super().__init__(f"{verb} failed ({status or 'unreachable'}): {message}")
+        self.verb = verb
+        self.status = status
+        self.message = message
+
+
+# ---- credentials ------------------------------------------------------------------------------------------
+
+
+def connection_from_kubeconfig(path: str | os.PathLike[str]) -> kopf.ConnectionInfo:
+    """The current context of one kubeconfig file, read now (not at import time like the kubernetes client)."""
+    file = Path(path).expanduser()
+    try:
+        config = yaml.safe_load(file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise kopf.LoginError(f"cannot read kubeconfig {file}: {exc}") from exc
+    name = config.get("current-context")
+    contexts = {item["name"]: item.get("context") or {} for item in config.get("contexts") or []}
+    clusters = {item["name"]: item.get("cluster") or {} for item in config.get("clusters") or []}
+    users = {item["name"]: item.get("user") or {} for item in config.get("users") or []}
+    if not name or name not in contexts:
+        raise kopf.LoginError(f"kubeconfig {file}: current-context {name!r} is not defined")
+    context = contexts[name]
+    cluster = clusters.get(context.get("cluster"), {})
+    user = users.get(context.get("user"), {})
+    if "server" not in cluster:
+        raise kopf.LoginError(f"kubeconfig {file}: cluster {context.get('cluster')!r} has no server")
+    if user.get("exec") or user.get("auth-provider"):
+        return _connection_via_client(file)
+
+    def local(key: str, where: Mapping[str, Any]) -> str | None:
+        # Paths in a kubeconfig are relative to the file, as kubectl reads them.
+        value = where.get(key)
+        return str((file.parent / value).resolve()) if value else None
+
+    token = user.get("token")
+    token_file = local("tokenFile", user)
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    return kopf.ConnectionInfo(
+        server=str(cluster["server"]),
+        ca_path=local("certificate-authority", cluster),
+        ca_data=cluster.get("certificate-authority-data"),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        certificate_path=local("client-certificate", user),
+        certificate_data=user.get("client-certificate-data"),
+        private_key_path=local("client-key", user),
+        private_key_data=user.get("client-key-data"),
+        username=user.get("username"),
+        password=user.get("password"),
+        token=token or None,
+        default_namespace=context.get("namespace"),
+        proxy_url=cluster.get("proxy-url"),
+    )
+
+
+def _connection_via_client(file: Path) -> kopf.ConnectionInfo:
+    """Exec plugins and auth providers need the kubernetes client's loader (imported only then: it is heavy)."""
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(file), client_configuration=configuration)
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        scheme=scheme or None,
+        token=token or None,
+    )
+
+
+def connection_in_cluster(directory: Path = SERVICE_ACCOUNT_DIR) -> kopf.ConnectionInfo | None:
+    """The pod's service account (the token file is re-read on every login: kubelet rotates it)."""
+    token_file = directory / "token"
+    if not token_file.exists():
+        return None
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    host = f"[{host}]" if ":" in host else host
+    namespace_file = directory / "namespace"
+    ca_file = directory / "ca.crt"
+    return kopf.ConnectionInfo(
+        server=f"https://{host}:{port}",
+        ca_path=str(ca_file) if ca_file.exists() else None,
+        token=token_file.read_text().strip() or None,
+        default_namespace=namespace_file.read_text().strip() if namespace_file.exists() else None,
+    )
+
+
+def load_connection(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
+    """An explicit kubeconfig, else the in-cluster service account, else $KUBECONFIG or ~/.kube/config."""
+    if kubeconfig:
+        return connection_from_kubeconfig(kubeconfig)
+    in_cluster = connection_in_cluster()
+    if in_cluster is not None:
+        return in_cluster
+    env = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    default = Path("~/.kube/config").expanduser()
+    if env or default.exists():
+        return connection_from_kubeconfig(env or default)
+    raise kopf.LoginError("no credentials: pass --kubeconfig, run in a pod, or set KUBECONFIG")
+
+
+# ---- merge patches --------------------------------------------------------------------------------------
+
+
+def merge_patch_between(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 merge patch turning ``old`` into ``new`` (lists replaced whole, removed keys as null)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value and key in old:
+            continue
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            patch[key] = merge_patch_between(before, value)
+        else:
+            patch[key] = value
+    return patch
+
+
+# ---- the client -----------------------------------------------------------------------------------------
+
+
+class KubeApi:
+    """The requests the operator makes; one aiohttp session, re-created with fresh credentials after a 401."""
+
+    def __init__(
+        self,
+        connect: Callable[[], kopf.ConnectionInfo],
+        metrics: OperatorMetrics | None = None,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self._connect = connect
+        self._metrics = metrics
+        self._pool_size = pool_size
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._server = ""
+        self._lock = asyncio.Lock()
+
+    async def _open(self, fresh: bool = False) -> aiohttp.ClientSession:
+        async with self._lock:
+            if self._session is not None and not fresh and not self._session.closed:
+                return self._session
+            if self._session is not None:
+                await self._session.close()
+            info = self._connect()
+            self._server = info.server.rstrip("/")
+            ssl_context: ssl.SSLContext | bool = info.as_ssl_context() if self._server.startswith("https") else False
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size, ssl=ssl_context),
+                headers={**info.as_http_headers(), "User-Agent": c.MANAGED_BY},
+                timeout=self._timeout,
+                proxy=info.proxy_url,
+            )
+            return self._session
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    def _count(self, verb: str, failed: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.api_requests.labels(verb=verb).inc()
+            if failed:
+                self._metrics.api_errors.labels(verb=verb).inc()
+
+    async def request(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        ok_statuses: Sequence[int] = (),
+    ) -> tuple[int, Any]:
+        """(status, parsed body); statuses in ``ok_statuses`` are returned, other errors raise ApiError."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type} if data is not None else {}
+        for attempt in (1, 2):
+            session = await self._open(fresh=attempt == 2)
+            try:
+                async with session.request(method, self._server + path, params=params, data=data,
+                                           headers=headers) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._count(verb, True)
+                raise ApiError(verb, 0, f"{method} {path}: {exc!r}") from exc
+            if status == 401 and attempt == 1:
+                # Rotated or expired credentials: log in again once.
+                self._count(verb, True)
+                continue
+            parsed: Any = None
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    parsed = raw.decode(errors="replace")
+            if status < 300 or status in ok_statuses:
+                self._count(verb, False)
+                return status, parsed
+            self._count(verb, True)
+            message = parsed.get("message", "") if isinstance(parsed, Mapping) else str(parsed)[:500]
+            raise ApiError(verb, status, f"{method} {path}: {message}")
+        raise AssertionError("unreachable")
+
+    # ---- paths --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def core_path(namespace: str, plural: str, name: str | None = None) -> str:
+        path = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
+        return f"{path}/{quote(name)}" if name else path
+
+    @staticmethod
+    def job_path(namespace: str, name: str | None = None) -> str:
+        path = f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{quote(namespace)}/{c.PLURAL}"
+        return f"{path}/{quote(name)}" if name else path
+
+    # ---- the operator's requests ---------------------------------------------------------------------
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        status, body = await self.request("get", "GET", self.job_path(namespace, name), ok_statuses=(404,))
+        return None if status == 404 else dict(body)
+
+    async def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        params = {"labelSelector": f"{c.LABEL_JOB_NAME}={job_name}"}
+        _, body = await self.request("list", "GET", self.core_path(namespace, "pods"), params=params)
+        return list((body or {}).get("items") or [])
+
+    async def list_pod_events(self, namespace: str, pod_names: Sequence[str]) -> list[dict[str, Any]]:
+        """Events about these pods (one field-selected list per pod, concurrently)."""
+
+        async def one(name: str) -> list[dict[str, Any]]:
+            params = {"fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={name}"}
+            _, body = await self.request("list", "GET", self.core_path(namespace, "events"), params=params)
+            return list((body or {}).get("items") or [])
+
+        results = await asyncio.gather(*(one(name) for name in pod_names))
+        return [event for events in results for event in events]
+
+    async def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create a core object; the stored object, or None when it already existed (409)."""
+        namespace = body["metadata"]["namespace"]
+        status, created = await self.request(
+            "create", "POST", self.core_path(namespace, _PLURALS[body["kind"]]), body=body, ok_statuses=(409,)
+        )
+        return None if status == 409 else dict(created or {})
+
+    async def create_or_update_data(self, body: Mapping[str, Any]) -> bool:
+        """Create a ConfigMap, or replace the data of the existing one; True when created."""
+        if await self.create(body) is not None:
+            return True
+        metadata = body["metadata"]
+        await self.request(
+            "patch",
+            "PATCH",
+            self.core_path(metadata["namespace"], _PLURALS[body["kind"]], metadata["name"]),
+            body={"data": body.get("data") or {}},
+            content_type="application/merge-patch+json",
+        )
+        return False
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a core object; True when deleted now, False when it was already gone (404)."""
+        status, _ = await self.request(
+            "delete", "DELETE", self.core_path(namespace, _PLURALS[kind], name), ok_statuses=(404,)
+        )
+        return status != 404
+
+    async def delete_job(self, namespace: str, name: str) -> bool:
+        status, _ = await self.request(
+            "delete", "DELETE", self.job_path(namespace, name),
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            ok_statuses=(404,),
+        )
+        return status != 404
+
+    async def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; None when the job is gone."""
+        status, body = await self.request(
+            "patch_status",
+            "PATCH",
+            self.job_path(namespace, name) + "/status",
+            body={"status": patch},
+            content_type="application/merge-patch+json",
+            ok_statuses=(404,),
+        )
+        return None if status == 404 else dict(body)
+
+    async def create_event(self, body: Mapping[str, Any]) -> None:
+        await self.create(body)
+
+
+async def gather_actions(coroutines: Sequence[Awaitable[Any]]) -> list[BaseException]:
+    """Run requests concurrently; the errors, so one failed create does not hide the others' results."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    return [r for r in results if isinstance(r, BaseException)]

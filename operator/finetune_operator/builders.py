@@ -1,0 +1,281 @@
+"""Pure builders of a FineTuneJob's children (headless Service, ConfigMap, one Pod per node) as plain dicts."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+from typing import Any
+
+from finetune_operator import constants as c
+from finetune_operator.render import render_trainer_config
+from finetune_operator.spec import FineTuneJob, JobMeta, format_time
+
+# ---- builders ------------------------------------------------------------------------------------------
+
+
+def build_service(job: FineTuneJob) -> dict[str, Any]:
+    """Headless Service ``<job>``: gives every pod the DNS name ``<job>-n<rank>.<job>`` for the rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job.name), _base_labels(job, c.COMPONENT_RENDEZVOUS)),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before any of them is Ready, or the rendezvous never starts.
+            "publishNotReadyAddresses": True,
+            "selector": {c.LABEL_JOB_NAME: job.name},
+            "ports": [{
+                "name": c.PORT_NAME_RENDEZVOUS,
+                "port": job.spec.distributed.master_port,
+                "targetPort": job.spec.distributed.master_port,
+                "protocol": "TCP",
+            }],
+        },
+    }
+
+
+def build_config_map(job: FineTuneJob) -> dict[str, Any]:
+    """ConfigMap ``<job>-config`` holding the trainer's ``config.json`` for the current attempt."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.name), _base_labels(job, c.COMPONENT_CONFIG)),
+        "data": {c.CONFIG_KEY: json.dumps(render_trainer_config(job), indent=2, sort_keys=True)},
+    }
+
+
+def build_worker_env(job: FineTuneJob, rank: int) -> list[dict[str, Any]]:
+    """The container's env: torchrun's PET_* for the gang shape, the config path, storage credentials, the user's."""
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": c.ENV_NNODES, "value": str(spec.distributed.nodes)},
+        {"name": c.ENV_NODE_RANK, "value": str(rank)},
+        {"name": c.ENV_NPROC_PER_NODE, "value": str(spec.distributed.procs_per_node)},
+        {"name": c.ENV_MASTER_ADDR, "value": master_address(job.name)},
+        {"name": c.ENV_MASTER_PORT, "value": str(spec.distributed.master_port)},
+        {"name": c.ENV_OMP_NUM_THREADS, "value": str(omp_threads(job))},
+        {"name": c.ENV_CONFIG, "value": c.CONFIG_PATH},
+    ]
+    secret = spec.storage.credentials_secret
+    if secret:
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key in (c.ENV_AWS_ACCESS_KEY_ID, c.ENV_AWS_SECRET_ACCESS_KEY)
+        ]
+    env += [dict(item) for item in spec.env]
+    return env
+
+
+def build_worker_pod(job: FineTuneJob, rank: int, default_image: str) -> dict[str, Any]:
+    """Pod ``<job>-a<attempt>-n<rank>``: one torchrun per node, restartPolicy Never (the gang restarts as one)."""
+    spec = job.spec
+    labels = {
+        **_base_labels(job, c.COMPONENT_TRAINER),
+        c.LABEL_NODE_RANK: str(rank),
+        c.LABEL_ATTEMPT: str(job.attempt),
+    }
+    metadata = _metadata(job, pod_name(job.name, job.attempt, rank), labels)
+    metadata["annotations"] = {
+        c.ANNOTATION_SCRAPE: "true",
+        c.ANNOTATION_PORT: str(spec.metrics.port),
+        c.ANNOTATION_PATH: c.METRICS_PATH,
+    }
+    container: dict[str, Any] = {
+        "name": c.CONTAINER_NAME,
+        "image": spec.image or default_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": list(c.TRAINER_COMMAND),
+        "env": build_worker_env(job, rank),
+        "ports": [
+            {"name": c.PORT_NAME_RENDEZVOUS, "containerPort": spec.distributed.master_port, "protocol": "TCP"},
+            {"name": c.PORT_NAME_METRICS, "containerPort": spec.metrics.port, "protocol": "TCP"},
+        ],
+        "resources": build_resources(job),
+        "volumeMounts": [
+            {"name": c.VOLUME_CONFIG, "mountPath": c.CONFIG_DIR, "readOnly": True},
+            {"name": c.VOLUME_SCRATCH, "mountPath": c.SCRATCH_DIR},
+            {"name": c.VOLUME_SHM, "mountPath": c.SHM_DIR},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": c.RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # A trainer killed before writing its message still explains itself with its last log lines.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "hostname": pod_hostname(job.name, rank),
+        "subdomain": service_name(job.name),
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": spec.checkpoint.grace_period_seconds + c.TERMINATION_GRACE_MARGIN_SECONDS,
+        # The trainer needs no API access, and service links would add env the trainer does not expect.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.RUN_AS_USER,
+            "runAsGroup": c.RUN_AS_USER,
+            "fsGroup": c.RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": build_volumes(job),
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = json.loads(json.dumps(spec.affinity))
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def build_resources(job: FineTuneJob) -> dict[str, Any]:
+    """Requests equal to limits (Guaranteed QoS when cpu and memory are set), GPUs included."""
+    r = job.spec.resources
+    amounts: dict[str, str] = {}
+    if r.cpu is not None:
+        amounts["cpu"] = r.cpu
+    if r.memory is not None:
+        amounts["memory"] = r.memory
+    if r.ephemeral_storage is not None:
+        amounts["ephemeral-storage"] = r.ephemeral_storage
+    if r.gpus > 0:
+        amounts[c.GPU_RESOURCE] = str(r.gpus)
+    if not amounts:
+        return {}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def build_volumes(job: FineTuneJob) -> list[dict[str, Any]]:
+    r = job.spec.resources
+    scratch: dict[str, Any] = {}
+    if r.ephemeral_storage is not None:
+        scratch["sizeLimit"] = r.ephemeral_storage
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if r.shared_memory is not None:
+        shm["sizeLimit"] = r.shared_memory
+    return [
+        {"name": c.VOLUME_CONFIG, "configMap": {"name": config_map_name(job.name)}},
+        {"name": c.VOLUME_SCRATCH, "emptyDir": scratch},
+        {"name": c.VOLUME_SHM, "emptyDir": shm},
+    ]
+
+
+def build_gang(job: FineTuneJob, default_image: str) -> list[dict[str, Any]]:
+    """Every child of the current attempt, in creation order: Service, ConfigMap, then the pods by rank."""
+    pods = [build_worker_pod(job, rank, default_image) for rank in range(job.spec.distributed.nodes)]
+    return [build_service(job), build_config_map(job), *pods]
+
+
+def build_event(
+    job: JobMeta,
+    event_type: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    *,
+    api_version: str = c.API_VERSION,
+) -> dict[str, Any]:
+    """A core/v1 Event about the job, as ``kubectl describe ftj`` shows it."""
+    timestamp = format_time(now)
+    # Deterministic, so the same decision replayed never posts two differently named Events.
+    digest = hashlib.sha256(f"{job.uid}/{reason}/{message}/{now.timestamp()}".encode()).hexdigest()[:16]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{job.name}.{digest}", "namespace": job.namespace},
+        "involvedObject": {
+            "apiVersion": api_version,
+            "kind": c.KIND,
+            "name": job.name,
+            "namespace": job.namespace,
+            "uid": job.uid,
+        },
+        "type": event_type,
+        "reason": reason,
+        # The API server rejects messages over 1 KiB.
+        "message": message[:1024],
+        "source": {"component": c.EVENT_COMPONENT},
+        "reportingComponent": c.EVENT_COMPONENT,
+        "reportingInstance": c.EVENT_COMPONENT,
+        "firstTimestamp": timestamp,
+        "lastTimestamp": timestamp,
+        "count": 1,
+    }
+
+
+# ---- names and shared pieces ---------------------------------------------------------------------------
+
+
+def service_name(job_name: str) -> str:
+    return job_name
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def pod_name(job_name: str, attempt: int, rank: int) -> str:
+    return f"{job_name}-a{attempt}-n{rank}"
+
+
+def pod_hostname(job_name: str, rank: int) -> str:
+    return f"{job_name}-n{rank}"
+
+
+def master_address(job_name: str) -> str:
+    """Node rank 0's DNS name through the headless Service (resolved in the pod's own namespace)."""
+    return f"{pod_hostname(job_name, 0)}.{service_name(job_name)}"
+
+
+def omp_threads(job: FineTuneJob) -> int:
+    """CPU cores per training process, at least 1: more threads than cores only thrash."""
+    cores = job.spec.resources.cpu_cores
+    if cores is None:
+        return 1
+    return max(1, math.floor(cores / job.spec.distributed.procs_per_node))
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": job.name,
+        "uid": job.meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _base_labels(job: FineTuneJob, component: str) -> dict[str, str]:
+    return {
+        c.LABEL_JOB_NAME: job.name,
+        c.LABEL_APP_NAME: c.APP_NAME,
+        c.LABEL_APP_INSTANCE: job.name,
+        c.LABEL_APP_COMPONENT: component,
+        c.LABEL_APP_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_APP_PART_OF: c.PART_OF,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(job)],
+    }

@@ -1,0 +1,389 @@
+"""One reconcile per FineTuneJob: observe (job, labelled pods, their events, rank 0's metrics), decide, act.
+
+Reconciles of one job never overlap: a trigger that arrives while one runs marks the job dirty and the running
+reconcile goes round once more, so a burst of pod events costs at most two passes. The status this process wrote
+last is authoritative over a possibly older status in a watch event (only the operator writes status), which
+keeps decisions such as "attempt N failed" from being taken twice on stale data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import kopf
+
+from finetune_operator import constants as c
+from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch_between
+from finetune_operator.builders import build_event
+from finetune_operator.decide import CreateChild, Decision, DeleteJob, DeletePod, decide, observe_pod
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
+from finetune_operator.settings import Settings
+from finetune_operator.spec import parse_meta, parse_time
+
+log = logging.getLogger(__name__)
+
+# Retry delays after API errors, growing with consecutive failures of the same job.
+ERROR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Appended to status.message when a request of this reconcile failed (quota, admission webhook, ...).
+API_ERROR_MARK = " (API error: "
+# A requeue fires a little after the moment it waits for, so the deadline has surely passed.
+REQUEUE_MARGIN_SECONDS = 0.05
+
+Clock = Callable[[], datetime.datetime]
+ProgressFetcher = Callable[[str, int], Awaitable[ProgressSample | None]]
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def pod_fingerprint(pod: Mapping[str, Any]) -> str:
+    """What of a pod ``decide`` can react to: its status and whether it is being deleted."""
+    metadata = pod.get("metadata") or {}
+    return json.dumps([pod.get("status"), metadata.get("deletionTimestamp")], sort_keys=True, default=str)
+
+
+@dataclass
+class _JobSlot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: bool = False
+    want_progress: bool = False
+    body: dict[str, Any] | None = None
+    uid: str | None = None
+    # The status this process last wrote, newer than any the watch may still deliver.
+    status: dict[str, Any] | None = None
+    reconciled_generation: int | None = None
+    settled: bool = False
+    progress_read_at: float | None = None
+    errors: int = 0
+    requeue: asyncio.TimerHandle | None = None
+    pods: dict[str, str] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Owns the per-job state and runs observe → decide → act; kopf handlers only call into it."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        settings: Settings,
+        metrics: OperatorMetrics,
+        *,
+        clock: Clock = utc_now,
+        fetch: ProgressFetcher | None = None,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self._fetch = fetch
+        self._http: aiohttp.ClientSession | None = None
+        self._slots: dict[tuple[str, str], _JobSlot] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rates = StepRateTracker()
+
+    async def close(self) -> None:
+        for slot in self._slots.values():
+            if slot.requeue is not None:
+                slot.requeue.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+        await self.api.close()
+
+    # ---- triggers ---------------------------------------------------------------------------------------
+
+    def job_seen(self, body: Mapping[str, Any], event_type: str | None = None) -> bool:
+        """Remember the newest body from the watch; True when it needs a reconcile (new, edited, first seen)."""
+        metadata = body.get("metadata") or {}
+        key = (str(metadata.get("namespace") or "default"), str(metadata.get("name")))
+        if event_type == "DELETED":
+            self.forget(*key)
+            return False
+        slot = self._slots.setdefault(key, _JobSlot())
+        uid = metadata.get("uid")
+        if slot.uid is not None and uid != slot.uid:
+            # The same name now belongs to a new object: nothing remembered applies to it.
+            self.forget(*key)
+            slot = self._slots.setdefault(key, _JobSlot())
+        slot.uid = uid
+        slot.body = dict(body)
+        generation = metadata.get("generation")
+        return slot.reconciled_generation is None or generation != slot.reconciled_generation
+
+    def pod_changed(self, pod: Mapping[str, Any], event_type: str | None = None) -> tuple[str, str] | None:
+        """The owning job's (namespace, name) when this pod event may change a decision, else None."""
+        metadata = pod.get("metadata") or {}
+        job_name = (metadata.get("labels") or {}).get(c.LABEL_JOB_NAME)
+        if not job_name:
+            return None
+        key = (str(metadata.get("namespace") or "default"), str(job_name))
+        slot = self._slots.get(key)
+        name = str(metadata.get("name"))
+        if event_type == "DELETED":
+            if slot is not None:
+                slot.pods.pop(name, None)
+            return key
+        if slot is not None and slot.pods.get(name) == pod_fingerprint(pod):
+            return None
+        return key
+
+    def trigger(self, namespace: str, name: str, *, want_progress: bool = False) -> None:
+        """Reconcile soon, in a task of its own (pod events must not wait for a job's reconcile)."""
+        task = asyncio.get_running_loop().create_task(
+            self._reconcile_logged(namespace, name, want_progress=want_progress)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, namespace: str, name: str) -> None:
+        slot = self._slots.pop((namespace, name), None)
+        if slot is not None:
+            if slot.requeue is not None:
+                slot.requeue.cancel()
+            if slot.uid:
+                self.metrics.phases.set(slot.uid, None)
+                self._rates.forget(slot.uid)
+
+    def is_settled(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+        """A finished job with nothing left to do needs no timer reconcile until it changes."""
+        slot = self._slots.get((namespace, name))
+        generation = (body.get("metadata") or {}).get("generation")
+        return slot is not None and slot.settled and slot.reconciled_generation == generation
+
+    async def _reconcile_logged(self, namespace: str, name: str, *, want_progress: bool = False) -> None:
+        try:
+            await self.reconcile(namespace, name, want_progress=want_progress)
+        except ApiError as exc:
+            log.warning("reconcile of %s/%s failed, retrying: %s", namespace, name, exc)
+        except Exception:
+            log.exception("reconcile of %s/%s crashed", namespace, name)
+
+    # ---- reconcile --------------------------------------------------------------------------------------
+
+    async def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        want_progress: bool = False,
+    ) -> Decision | None:
+        """Reconcile one job now, or let the reconcile already running for it go round again.
+
+        Raises ApiError when this call's own pass failed (a retry is already scheduled).
+        """
+        if body is not None:
+            self.job_seen(body)
+        key = (namespace, name)
+        slot = self._slots.setdefault(key, _JobSlot())
+        if slot.lock.locked():
+            slot.dirty = True
+            slot.want_progress = slot.want_progress or want_progress
+            return None
+        decision: Decision | None = None
+        async with slot.lock:
+            first = True
+            while first or slot.dirty:
+                want = want_progress or slot.want_progress
+                slot.dirty = slot.want_progress = False
+                try:
+                    decision = await self._reconcile_once(namespace, name, slot, want_progress=want)
+                except ApiError:
+                    self._schedule(key, slot, ERROR_BACKOFF_SECONDS[min(slot.errors, len(ERROR_BACKOFF_SECONDS) - 1)])
+                    slot.errors += 1
+                    if first:
+                        raise
+                    log.warning("reconcile of %s/%s failed; retrying", namespace, name, exc_info=True)
+                else:
+                    slot.errors = 0
+                first = False
+        return decision
+
+    async def _reconcile_once(
+        self, namespace: str, name: str, slot: _JobSlot, *, want_progress: bool
+    ) -> Decision | None:
+        started = time.perf_counter()
+        # Observe: the job (cached from the watch, fetched when unknown), its pods and what is needed of events.
+        body = slot.body
+        if body is None:
+            body = await self.api.get_job(namespace, name)
+            if body is None:
+                self.forget(namespace, name)
+                return None
+            self.job_seen(body)
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        if slot.status is not None:
+            body = {**body, "status": slot.status}
+        uid = (body.get("metadata") or {}).get("uid")
+        pods = [p for p in await self.api.list_job_pods(namespace, name) if _owned_by(p, uid)]
+        slot.pods = {str(p["metadata"]["name"]): pod_fingerprint(p) for p in pods}
+        views = [v for v in (observe_pod(p) for p in pods) if v is not None]
+        unscheduled = [v.name for v in views if v.phase == "Pending" and not v.scheduled and not v.deleting]
+        events = await self.api.list_pod_events(namespace, unscheduled) if unscheduled else []
+        old_status: dict[str, Any] = dict(body.get("status") or {})
+        message = str(old_status.get("message") or "")
+        if API_ERROR_MARK in message:
+            # The note about a failed request belongs to that reconcile only; decide sees the plain message.
+            body = {**body, "status": {**old_status, "message": message.split(API_ERROR_MARK, 1)[0]}}
+        sample = None
+        if want_progress and old_status.get("phase") == c.PHASE_RUNNING and self._progress_due(slot, old_status):
+            slot.progress_read_at = time.monotonic()
+            sample = await self._read_progress(body, views, str(uid))
+
+        # Decide.
+        now = self.clock()
+        decision = decide(body, pods, events, now, self.settings, sample)
+
+        # Act: deletes, then the Service and ConfigMap, then the pods; one status patch; the Events.
+        errors = await self._act(body, decision, slot)
+        status = decision.status
+        if errors:
+            status = {**status, "message": f"{status.get('message', '')}{API_ERROR_MARK}{errors[0]})"}
+        patch = merge_patch_between(old_status, status)
+        if patch:
+            written = await self.api.patch_job_status(namespace, name, patch)
+            if written is None:
+                self.forget(namespace, name)
+                return decision
+        slot.status = status
+        slot.reconciled_generation = (body.get("metadata") or {}).get("generation")
+        await self._emit_events(body, decision, now)
+        self._record_metrics(body, decision, old_status, status, now)
+        slot.settled = (
+            status.get("phase") in c.FINISHED_PHASES and not decision.actions and decision.requeue_after is None
+        )
+        if decision.requeue_after is not None:
+            self._schedule((namespace, name), slot, decision.requeue_after + REQUEUE_MARGIN_SECONDS)
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        if errors:
+            raise errors[0] if isinstance(errors[0], ApiError) else ApiError("act", 0, str(errors[0]))
+        return decision
+
+    async def _act(self, body: Mapping[str, Any], decision: Decision, slot: _JobSlot) -> list[BaseException]:
+        metadata = body.get("metadata") or {}
+        namespace = str(metadata.get("namespace") or "default")
+        # Adopt with an owner that has no labels: kopf.adopt would copy the job's labels, and a Kueue
+        # queue-name label on the pods would make Kueue gate them as workloads of their own.
+        owner = kopf.Body({
+            "apiVersion": body.get("apiVersion", c.API_VERSION),
+            "kind": body.get("kind", c.KIND),
+            "metadata": {"name": str(metadata.get("name")), "namespace": namespace, "uid": str(metadata.get("uid"))},
+        })
+        deletes = [self.api.delete("Pod", namespace, a.name) for a in decision.actions if isinstance(a, DeletePod)]
+        if any(isinstance(a, DeleteJob) for a in decision.actions):
+            deletes.append(self.api.delete_job(namespace, str(metadata.get("name"))))
+        errors = await gather_actions(deletes)
+        creates = [a for a in decision.actions if isinstance(a, CreateChild)]
+
+        async def create_child(action: CreateChild) -> None:
+            child = copy.deepcopy(dict(action.body))
+            kopf.adopt(child, owner=owner)
+            if action.update_existing:
+                await self.api.create_or_update_data(child)
+                return
+            created = await self.api.create(child)
+            if created is not None and action.kind == "Pod":
+                # Our own ADDED event then needs no reconcile of its own.
+                slot.pods[action.name] = pod_fingerprint(created)
+
+        first = [create_child(a) for a in creates if a.kind != "Pod"]
+        errors += await gather_actions(first)
+        if not errors:
+            errors += await gather_actions([create_child(a) for a in creates if a.kind == "Pod"])
+        return errors
+
+    async def _emit_events(self, body: Mapping[str, Any], decision: Decision, now: datetime.datetime) -> None:
+        if not decision.events_to_emit:
+            return
+        meta = parse_meta(body)
+        api_version = str(body.get("apiVersion", c.API_VERSION))
+        errors = await gather_actions([
+            self.api.create_event(build_event(meta, e.type, e.reason, e.message, now, api_version=api_version))
+            for e in decision.events_to_emit
+        ])
+        for error in errors:
+            log.warning("posting an event for %s/%s failed: %s", meta.namespace, meta.name, error)
+
+    def _record_metrics(
+        self,
+        body: Mapping[str, Any],
+        decision: Decision,
+        old: Mapping[str, Any],
+        new: Mapping[str, Any],
+        now: datetime.datetime,
+    ) -> None:
+        metadata = body.get("metadata") or {}
+        uid = str(metadata.get("uid"))
+        old_phase, phase = old.get("phase"), new.get("phase")
+        self.metrics.phases.set(uid, phase)
+        if phase == old_phase:
+            return
+        # The phase transition's Event comes first and carries its reason.
+        reason = decision.events_to_emit[0].reason if decision.events_to_emit else str(phase)
+        if old_phase is None:
+            self.metrics.jobs_created.inc()
+        if phase == c.PHASE_SUCCEEDED:
+            self.metrics.jobs_succeeded.inc()
+        elif phase == c.PHASE_FAILED:
+            self.metrics.jobs_failed.labels(reason=reason).inc()
+        elif phase == c.PHASE_RESTARTING:
+            self.metrics.jobs_restarted.labels(reason=reason).inc()
+        if phase == c.PHASE_RUNNING and not old.get("startTime") and new.get("startTime"):
+            created = parse_time(metadata.get("creationTimestamp"))
+            if created is not None:
+                self.metrics.submitted_to_running_seconds.observe(max(0.0, (now - created).total_seconds()))
+
+    def _progress_due(self, slot: _JobSlot, status: Mapping[str, Any]) -> bool:
+        if slot.progress_read_at is None or "progress" not in status:
+            return True
+        return time.monotonic() - slot.progress_read_at >= self.settings.progress_seconds
+
+    async def _read_progress(self, body: Mapping[str, Any], views: list[Any], uid: str) -> ProgressSample | None:
+        status = body.get("status") or {}
+        attempt = status.get("attempt", 0)
+        rank0 = next((v for v in views if v.rank == 0 and v.attempt == attempt and v.phase == "Running"), None)
+        if rank0 is None or not rank0.pod_ip:
+            return None
+        port = ((body.get("spec") or {}).get("metrics") or {}).get("port", 9400)
+        if self._fetch is not None:
+            sample = await self._fetch(rank0.pod_ip, int(port))
+        else:
+            if self._http is None:
+                self._http = aiohttp.ClientSession()
+            sample = await fetch_progress(self._http, rank0.pod_ip, int(port))
+        if sample is None:
+            return None
+        return self._rates.observe(uid, sample)
+
+    def _schedule(self, key: tuple[str, str], slot: _JobSlot, delay: float) -> None:
+        """Reconcile this job again after ``delay`` seconds (one pending requeue per job, the earliest wins)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        existing = slot.requeue
+        if existing is not None and not existing.cancelled() and loop.time() < existing.when() <= when:
+            return
+        if existing is not None:
+            existing.cancel()
+        slot.requeue = loop.call_at(when, self.trigger, *key)
+
+
+def _owned_by(pod: Mapping[str, Any], uid: Any) -> bool:
+    """Pods of a deleted job of the same name (owned by another uid) are left to the garbage collector."""
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    controllers = [ref for ref in refs if ref.get("controller")]
+    return not controllers or any(ref.get("uid") == uid for ref in controllers)

@@ -1,0 +1,483 @@
+"""The real operator (``python -m finetune_operator``) against the API emulator; the tests play kubelet and scheduler.
+
+No kubelet runs here: pods stay exactly as the tests patch them, so every phase, exit code, event and pod IP is
+set by the test, and the operator's reaction is checked on the objects a user would look at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from finetune_trainer.config import config_from_dict
+from localcluster.apiserver import APIServer, running_apiserver
+
+pytestmark = pytest.mark.integration
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+JOBS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
+
+BASE_SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/tiny-gpt2"},
+    "dataset": {"uri": "s3://datasets/support/train.jsonl"},
+    "output": {"uri": "s3://finetune-output/run"},
+    "training": {"maxSteps": 60},
+    "distributed": {"nodes": 2},
+    "resources": {"cpu": "2", "memory": "4Gi"},
+    "storage": {"credentialsSecret": "s3-credentials"},
+    "restartBackoff": {"initialSeconds": 0, "maxSeconds": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
+    """Poll until ``probe`` returns something truthy; its last value is in the failure message."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+class Client:
+    """Plain HTTP against the emulator, as kubectl would talk to it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise AssertionError(f"{method} {path}: {error.code} {error.read()[:500]!r}") from error
+
+    def create_namespace(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        self.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        return name
+
+    def create_job(self, ns: str, name: str, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+                "spec": {**copy.deepcopy(BASE_SPEC), **spec}}
+        created: dict[str, Any] = self.call("POST", JOBS.format(ns=ns), body)
+        return created
+
+    def job(self, ns: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.call("GET", JOBS.format(ns=ns) + "/" + name)
+        return found
+
+    def status(self, ns: str, name: str) -> dict[str, Any]:
+        return (self.job(ns, name) or {}).get("status") or {}
+
+    def patch_job(self, ns: str, name: str, patch: dict[str, Any]) -> None:
+        self.call("PATCH", JOBS.format(ns=ns) + "/" + name, patch, "application/merge-patch+json")
+
+    def delete_job(self, ns: str, name: str) -> None:
+        self.call("DELETE", JOBS.format(ns=ns) + "/" + name)
+
+    def items(self, ns: str, plural: str) -> list[dict[str, Any]]:
+        return list((self.call("GET", f"/api/v1/namespaces/{ns}/{plural}") or {}).get("items") or [])
+
+    def pod_names(self, ns: str) -> list[str]:
+        return sorted(p["metadata"]["name"] for p in self.items(ns, "pods"))
+
+    def patch_pod_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.call("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
+                  "application/merge-patch+json")
+
+    def run_pod(self, ns: str, name: str, ip: str = "10.0.0.1") -> None:
+        self.patch_pod_status(ns, name, {"phase": "Running", "podIP": ip, "containerStatuses": [
+            {"name": "trainer", "ready": True, "restartCount": 0, "image": "x", "imageID": "", "state": {
+                "running": {"startedAt": "2025-01-01T00:00:00Z"}}}]})
+
+    def end_pod(self, ns: str, name: str, exit_code: int, message: str = "", reason: str = "Error") -> None:
+        terminated: dict[str, Any] = {"exitCode": exit_code, "reason": reason,
+                                      "startedAt": "2025-01-01T00:00:00Z", "finishedAt": "2025-01-01T00:01:00Z"}
+        if message:
+            terminated["message"] = message
+        self.patch_pod_status(ns, name, {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x",
+                                   "imageID": "", "state": {"terminated": terminated}}],
+        })
+
+    def event_reasons(self, ns: str, job: str) -> list[str]:
+        events = [e for e in self.items(ns, "events")
+                  if e.get("involvedObject", {}).get("kind") == "FineTuneJob"
+                  and e["involvedObject"].get("name") == job]
+        # resourceVersion orders them exactly (timestamps have one-second resolution).
+        events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
+        return [e["reason"] for e in events]
+
+
+class OperatorProcess:
+    """``python -m finetune_operator`` in a subprocess, restartable, with its log kept for failures."""
+
+    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "FINETUNE_TRAINER_IMAGE": "trainer:it", "FINETUNE_RESYNC_SECONDS": "1",
+               "FINETUNE_PROGRESS_SECONDS": "1"}
+        command = [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(self.kubeconfig),
+                   "--bind-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                   "--health-port", str(self.health_port), "--log-level", "INFO"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        wait_for(self.healthy, timeout=60, what="the operator's liveness endpoint")
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"operator exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[APIServer, pathlib.Path]]:
+    kubeconfig = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    with running_apiserver(crds=REPO / "crds", kubeconfig=kubeconfig, kubelet=False) as server:
+        yield server, kubeconfig
+
+
+@pytest.fixture(scope="module")
+def operator(emulator: tuple[APIServer, pathlib.Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(emulator[1], tmp_path_factory.mktemp("operator-log") / "operator.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def client(emulator: tuple[APIServer, pathlib.Path], operator: OperatorProcess) -> Iterator[Client]:
+    yield Client(emulator[0].url)
+    if operator.process is not None and operator.process.poll() is not None:
+        pytest.fail(f"the operator died:\n{operator.log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def ns(client: Client) -> str:
+    return client.create_namespace()
+
+
+def phase_is(client: Client, ns: str, name: str, phase: str) -> Callable[[], dict[str, Any] | None]:
+    def probe() -> dict[str, Any] | None:
+        status = client.status(ns, name)
+        return status if status.get("phase") == phase else None
+
+    return probe
+
+
+def pods_are(client: Client, ns: str, names: list[str]) -> Callable[[], bool]:
+    def probe() -> bool:
+        return client.pod_names(ns) == names
+
+    return probe
+
+
+# ---- tests ----------------------------------------------------------------------------------------------
+
+
+def test_create_makes_the_service_config_and_pods_with_exact_env(client: Client, ns: str) -> None:
+    client.create_job(ns, "llm", distributed={"nodes": 2, "procsPerNode": 2}, resources={"cpu": "4"},
+                      env=[{"name": "NCCL_DEBUG", "value": "WARN"}])
+    wait_for(pods_are(client, ns, ["llm-a0-n0", "llm-a0-n1"]), what="two pods")
+    job = client.job(ns, "llm")
+    assert job is not None
+    owner = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "llm",
+             "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+    (service,) = client.items(ns, "services")
+    assert service["metadata"]["name"] == "llm"
+    assert (service["spec"]["clusterIP"], service["spec"]["publishNotReadyAddresses"]) == ("None", True)
+    assert service["spec"]["selector"] == {"finetune.dev/job-name": "llm"}
+    assert service["metadata"]["ownerReferences"] == [owner]
+
+    (config_map,) = client.items(ns, "configmaps")
+    config = config_from_dict(json.loads(config_map["data"]["config.json"]))
+    assert (config.job.name, config.job.namespace, config.job.attempt) == ("llm", ns, 0)
+
+    pods = {p["metadata"]["name"]: p for p in client.items(ns, "pods")}
+    pod = pods["llm-a0-n1"]
+    assert pod["metadata"]["ownerReferences"] == [owner]
+    assert (pod["spec"]["hostname"], pod["spec"]["subdomain"], pod["spec"]["restartPolicy"]) == (
+        "llm-n1", "llm", "Never")
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "trainer:it"
+    assert container["command"] == ["python", "-m", "finetune_trainer.launch"]
+    assert container["env"] == [
+        {"name": "PET_NNODES", "value": "2"},
+        {"name": "PET_NODE_RANK", "value": "1"},
+        {"name": "PET_NPROC_PER_NODE", "value": "2"},
+        {"name": "PET_MASTER_ADDR", "value": "llm-n0.llm"},
+        {"name": "PET_MASTER_PORT", "value": "29500"},
+        {"name": "OMP_NUM_THREADS", "value": "2"},
+        {"name": "FINETUNE_CONFIG", "value": "/etc/finetune/config.json"},
+        {"name": "AWS_ACCESS_KEY_ID",
+         "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}}},
+        {"name": "AWS_SECRET_ACCESS_KEY",
+         "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+    ]
+    status = wait_for(phase_is(client, ns, "llm", "Pending"), what="Pending")
+    assert (status["attempt"], status["restarts"], status["observedGeneration"]) == (0, 0, 1)
+    assert wait_for(lambda: client.event_reasons(ns, "llm"), what="an event") == ["Created"]
+
+
+def test_pod_phases_drive_the_status_to_success(client: Client, ns: str) -> None:
+    client.create_job(ns, "ok")
+    wait_for(pods_are(client, ns, ["ok-a0-n0", "ok-a0-n1"]))
+    client.run_pod(ns, "ok-a0-n0")
+    time.sleep(0.3)
+    assert client.status(ns, "ok")["phase"] == "Pending"
+    client.run_pod(ns, "ok-a0-n1")
+    running = wait_for(phase_is(client, ns, "ok", "Running"), what="Running")
+    assert running["startTime"]
+    assert [c["type"] for c in running["conditions"] if c["status"] == "True"] == ["Running"]
+    client.end_pod(ns, "ok-a0-n0", 0)
+    done = wait_for(phase_is(client, ns, "ok", "Succeeded"), what="Succeeded")
+    assert done["model"] == {"uri": "s3://finetune-output/run/model/", "export": "full"}
+    assert done["completionTime"]
+    wait_for(pods_are(client, ns, []), what="cleanPodPolicy All to remove the pods")
+    assert client.event_reasons(ns, "ok") == ["Created", "AllPodsRunning", "Succeeded"]
+
+
+def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str) -> None:
+    client.create_job(ns, "crash", backoffLimit=2)
+    wait_for(pods_are(client, ns, ["crash-a0-n0", "crash-a0-n1"]))
+    client.run_pod(ns, "crash-a0-n0")
+    client.run_pod(ns, "crash-a0-n1")
+    wait_for(phase_is(client, ns, "crash", "Running"))
+    client.end_pod(ns, "crash-a0-n1", 1, "RuntimeError: NCCL timeout")
+    wait_for(pods_are(client, ns, ["crash-a1-n0", "crash-a1-n1"]), what="attempt 1's pods")
+    status = wait_for(phase_is(client, ns, "crash", "Pending"))
+    assert (status["attempt"], status["restarts"], status["countedFailures"]) == (1, 1, 1)
+    config_map = client.items(ns, "configmaps")[0]
+    assert json.loads(config_map["data"]["config.json"])["job"]["attempt"] == 1
+    assert client.event_reasons(ns, "crash") == ["Created", "AllPodsRunning", "PodFailed", "Restarted"]
+
+
+def test_backoff_limit_exhausted_fails_the_job(client: Client, ns: str) -> None:
+    client.create_job(ns, "flaky", backoffLimit=0)
+    wait_for(pods_are(client, ns, ["flaky-a0-n0", "flaky-a0-n1"]))
+    client.end_pod(ns, "flaky-a0-n0", 1, "boom")
+    status = wait_for(phase_is(client, ns, "flaky", "Failed"))
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "boom" in status["message"]
+    wait_for(pods_are(client, ns, []))
+
+
+def test_preemption_restarts_without_counting(client: Client, ns: str) -> None:
+    client.create_job(ns, "spot", backoffLimit=0)
+    wait_for(pods_are(client, ns, ["spot-a0-n0", "spot-a0-n1"]))
+    client.end_pod(ns, "spot-a0-n1", 75, "preempted: checkpoint step 40 saved")
+    wait_for(pods_are(client, ns, ["spot-a1-n0", "spot-a1-n1"]), what="attempt 1")
+    status = client.status(ns, "spot")
+    assert (status["restarts"], status["countedFailures"]) == (1, 0)
+    assert "Preempted" in client.event_reasons(ns, "spot")
+
+
+def test_invalid_exit_fails_at_once_with_the_termination_message(client: Client, ns: str) -> None:
+    client.create_job(ns, "bad-data")
+    wait_for(pods_are(client, ns, ["bad-data-a0-n0", "bad-data-a0-n1"]))
+    client.end_pod(ns, "bad-data-a0-n0", 64, "dataset.format: row 3 has no 'messages' column")
+    status = wait_for(phase_is(client, ns, "bad-data", "Failed"))
+    assert "dataset.format: row 3 has no 'messages' column" in status["message"]
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "PermanentError"
+    assert status["restarts"] == 0
+
+
+def test_invalid_spec_fails_with_the_field_and_no_pods(client: Client, ns: str) -> None:
+    client.create_job(ns, "too-long", training={"maxSteps": 5, "maxSeqLength": 100000})
+    status = wait_for(phase_is(client, ns, "too-long", "Failed"))
+    invalid = next(c for c in status["conditions"] if c["type"] == "InvalidSpec")
+    assert invalid["message"].startswith("spec.training.maxSeqLength: 100000 exceeds 65536")
+    assert client.pod_names(ns) == []
+    assert client.event_reasons(ns, "too-long") == ["InvalidSpec"]
+
+
+def test_suspend_and_resume(client: Client, ns: str) -> None:
+    client.create_job(ns, "queued", suspend=True)
+    status = wait_for(phase_is(client, ns, "queued", "Suspended"))
+    assert client.pod_names(ns) == []
+    assert status["attempt"] == 0
+    client.patch_job(ns, "queued", {"spec": {"suspend": False}})
+    wait_for(pods_are(client, ns, ["queued-a0-n0", "queued-a0-n1"]), what="pods after admission")
+    client.run_pod(ns, "queued-a0-n0")
+    client.run_pod(ns, "queued-a0-n1")
+    wait_for(phase_is(client, ns, "queued", "Running"))
+    client.patch_job(ns, "queued", {"spec": {"suspend": True}})
+    wait_for(pods_are(client, ns, []), what="preemption by suspend to delete the pods")
+    status = wait_for(phase_is(client, ns, "queued", "Suspended"))
+    assert (status["attempt"], status["restarts"]) == (1, 1)
+    client.patch_job(ns, "queued", {"spec": {"suspend": False}})
+    wait_for(pods_are(client, ns, ["queued-a1-n0", "queued-a1-n1"]), what="the next attempt on resume")
+    assert client.event_reasons(ns, "queued") == [
+        "Suspended", "Resumed", "AllPodsRunning", "Suspended", "Resumed",
+    ]
+
+
+def test_active_deadline(client: Client, ns: str) -> None:
+    client.create_job(ns, "slow", activeDeadlineSeconds=11, checkpoint={"gracePeriodSeconds": 10})
+    wait_for(pods_are(client, ns, ["slow-a0-n0", "slow-a0-n1"]))
+    client.run_pod(ns, "slow-a0-n0")
+    client.run_pod(ns, "slow-a0-n1")
+    wait_for(phase_is(client, ns, "slow", "Running"))
+    status = wait_for(phase_is(client, ns, "slow", "Failed"), timeout=20, what="DeadlineExceeded")
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(pods_are(client, ns, []))
+
+
+def test_failed_scheduling_waits_for_capacity_then_times_out(client: Client, ns: str) -> None:
+    client.create_job(ns, "big", capacityTimeoutSeconds=3, resources={"gpus": 8})
+    wait_for(pods_are(client, ns, ["big-a0-n0", "big-a0-n1"]))
+    message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    client.call("POST", f"/api/v1/namespaces/{ns}/events", {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "big-a0-n1.sched", "namespace": ns},
+        "involvedObject": {"kind": "Pod", "name": "big-a0-n1", "namespace": ns},
+        "reason": "FailedScheduling", "message": message, "type": "Warning",
+        "lastTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"component": "default-scheduler"},
+    })
+    # The event carries no pod change: the operator's timer finds it.
+    waiting = wait_for(lambda: next((c for c in client.status(ns, "big").get("conditions", [])
+                                     if c["type"] == "WaitingForCapacity" and c["status"] == "True"), None),
+                       what="WaitingForCapacity")
+    assert (waiting["reason"], waiting["message"]) == ("FailedScheduling", message)
+    assert client.status(ns, "big")["phase"] == "Pending"
+    status = wait_for(phase_is(client, ns, "big", "Failed"), timeout=15, what="CapacityTimeout")
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "CapacityTimeout"
+    assert "WaitingForCapacity" in client.event_reasons(ns, "big")
+
+
+def test_operator_restarted_mid_job_creates_no_duplicates(client: Client, ns: str,
+                                                          operator: OperatorProcess) -> None:
+    client.create_job(ns, "survivor")
+    wait_for(pods_are(client, ns, ["survivor-a0-n0", "survivor-a0-n1"]))
+    operator.stop(signal.SIGKILL)
+    client.run_pod(ns, "survivor-a0-n0")
+    client.run_pod(ns, "survivor-a0-n1")
+    operator.start()
+    wait_for(phase_is(client, ns, "survivor", "Running"), what="Running after the restart")
+    time.sleep(1.5)
+    assert client.pod_names(ns) == ["survivor-a0-n0", "survivor-a0-n1"]
+    assert client.status(ns, "survivor")["attempt"] == 0
+
+
+def test_deleting_the_job_removes_its_children(client: Client, ns: str) -> None:
+    client.create_job(ns, "gone")
+    wait_for(pods_are(client, ns, ["gone-a0-n0", "gone-a0-n1"]))
+    client.delete_job(ns, "gone")
+    wait_for(lambda: client.job(ns, "gone") is None, what="the job to go (kopf's finalizer removed)")
+    wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
+             and not client.items(ns, "configmaps"), what="garbage collection of the children")
+
+
+def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -> None:
+    registry = CollectorRegistry()
+    labels = ("rank", "job_name", "job_namespace")
+    gauges = {name: Gauge(name, name, labels, registry=registry).labels(rank="0", job_name="watched",
+                                                                        job_namespace=ns)
+              for name in ("finetune_step", "finetune_total_steps", "finetune_epoch", "finetune_train_loss",
+                           "finetune_eval_loss", "finetune_learning_rate", "finetune_tokens_per_second",
+                           "finetune_last_checkpoint_step", "finetune_best_eval_loss")}
+    values = {"finetune_step": 10, "finetune_total_steps": 100, "finetune_epoch": 0.1, "finetune_train_loss": 2.5,
+              "finetune_eval_loss": 2.75, "finetune_learning_rate": 1e-4, "finetune_tokens_per_second": 500,
+              "finetune_last_checkpoint_step": 10, "finetune_best_eval_loss": 2.75}
+    for name, value in values.items():
+        gauges[name].set(value)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        port = server.server_port
+        client.create_job(ns, "watched", metrics={"port": port})
+        wait_for(pods_are(client, ns, ["watched-a0-n0", "watched-a0-n1"]))
+        client.run_pod(ns, "watched-a0-n0", ip="127.0.0.1")
+        client.run_pod(ns, "watched-a0-n1", ip="127.0.0.2")
+        status = wait_for(lambda: client.status(ns, "watched") if client.status(ns, "watched").get("progress")
+                          else None, what="status.progress")
+        assert status["progress"]["summary"] == "10/100 (10%)"
+        assert status["metrics"] == {"loss": 2.5, "evalLoss": 2.75, "tokensPerSecond": 1000.0,
+                                     "learningRate": 0.0001}
+        assert status["latestCheckpoint"] == {"uri": "s3://finetune-output/run/checkpoints/step-00000010/",
+                                              "step": 10}
+        gauges["finetune_step"].set(40)
+        status = wait_for(lambda: client.status(ns, "watched") if "eta" in client.status(ns, "watched").get(
+            "progress", {}) else None, what="an ETA from two readings")
+        progress = status["progress"]
+        assert (progress["step"], progress["totalSteps"], progress["percent"]) == (40, 100, 40.0)
+        assert progress["etaSeconds"] > 0
+        assert progress["summary"] == "40/100 (40%)"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_operator_metrics(client: Client, ns: str, operator: OperatorProcess) -> None:
+    client.create_job(ns, "counted")
+    wait_for(phase_is(client, ns, "counted", "Pending"))
+    text = wait_for(lambda: operator.metrics() if 'finetune_operator_jobs{phase="Pending"}' in operator.metrics()
+                    else None, what="the jobs gauge")
+    for name in ("finetune_operator_jobs_created_total", "finetune_operator_reconcile_duration_seconds_bucket",
+                 'finetune_operator_api_requests_total{verb="create"}', "process_resident_memory_bytes"):
+        assert name in text, name
+    with contextlib.suppress(Exception):
+        client.delete_job(ns, "counted")

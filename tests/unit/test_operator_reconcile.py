@@ -1,0 +1,214 @@
+"""Observe → decide → act against an in-memory API: one status patch, no stale double restarts, no silent errors."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from operator_factories import at, make_job, make_pod
+
+from finetune_operator.api import ApiError
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.progress import ProgressSample
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import Settings
+
+
+class FakeApi:
+    """The KubeApi methods the reconciler uses, over dicts; every write is logged."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job: dict[str, Any] | None = job
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.others: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.writes: list[str] = []
+        self.fail_pod_creates: str | None = None
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.job)
+
+    async def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(p) for p in self.pods.values()]
+
+    async def list_pod_events(self, namespace: str, pod_names: Sequence[str]) -> list[dict[str, Any]]:
+        return []
+
+    async def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        name = body["metadata"]["name"]
+        if body["kind"] == "Pod" and self.fail_pod_creates:
+            self.writes.append(f"create Pod {name} -> 403")
+            raise ApiError("create", 403, self.fail_pod_creates)
+        self.writes.append(f"create {body['kind']} {name}")
+        if body["kind"] == "Event":
+            self.events.append(dict(body))
+            return dict(body)
+        store = self.pods if body["kind"] == "Pod" else None
+        if store is not None:
+            if name in store:
+                return None
+            store[name] = {**copy.deepcopy(dict(body)), "status": {"phase": "Pending"}}
+            return copy.deepcopy(store[name])
+        self.others[(body["kind"], name)] = dict(body)
+        return dict(body)
+
+    async def create_or_update_data(self, body: Mapping[str, Any]) -> bool:
+        self.writes.append(f"apply {body['kind']} {body['metadata']['name']}")
+        self.others[(body["kind"], body["metadata"]["name"])] = dict(body)
+        return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.writes.append(f"delete {kind} {name}")
+        return self.pods.pop(name, None) is not None
+
+    async def delete_job(self, namespace: str, name: str) -> bool:
+        self.writes.append("delete FineTuneJob")
+        self.job = None
+        return True
+
+    async def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        self.writes.append("patch status")
+        if self.job is None:
+            return None
+        status = self.job.setdefault("status", {})
+        for key, value in patch.items():
+            if value is None:
+                status.pop(key, None)
+            else:
+                status[key] = value
+        return self.job
+
+    async def create_event(self, body: Mapping[str, Any]) -> None:
+        await self.create(body)
+
+    async def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.seconds = 100.0
+
+    def __call__(self) -> Any:
+        return at(self.seconds)
+
+
+def make_reconciler(job: dict[str, Any], sample: ProgressSample | None = None) -> tuple[Reconciler, FakeApi, Clock]:
+    api = FakeApi(job)
+    clock = Clock()
+
+    async def fetch(ip: str, port: int) -> ProgressSample | None:
+        return sample
+
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=clock,  # type: ignore[arg-type]
+                            fetch=fetch)
+    return reconciler, api, clock
+
+
+def test_first_reconcile_creates_the_gang_and_patches_status_once_then_nothing() -> None:
+    reconciler, api, _ = make_reconciler(make_job(spec__distributed__nodes=2))
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        assert api.writes[:5] == ["create Service job", "apply ConfigMap job-config", "create Pod job-a0-n0",
+                                  "create Pod job-a0-n1", "patch status"]
+        assert api.writes[5:] == ["create Event " + api.events[0]["metadata"]["name"]]
+        api.writes.clear()
+        await reconciler.reconcile("ns", "job", api.job)
+        assert api.writes == []
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert api.job is not None and api.job["status"]["phase"] == "Pending"
+
+
+def test_a_stale_body_cannot_restart_the_same_failure_twice() -> None:
+    running = {"phase": "Running", "attempt": 0, "restarts": 0, "countedFailures": 0, "startTime": "x"}
+    job = make_job(spec__distributed__nodes=2, status=running)
+    reconciler, api, clock = make_reconciler(job)
+    api.pods = {p["metadata"]["name"]: p for p in (make_pod(0, 0, "Running"), make_pod(1, 0, "Failed", exit_code=1))}
+    stale = copy.deepcopy(job)
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", stale)
+        assert api.job is not None
+        assert (api.job["status"]["attempt"], api.job["status"]["restarts"]) == (1, 1)
+        # The watch still delivers the old status (attempt 0, Running) while a failed pod lingers.
+        api.pods["job-a0-n1"] = make_pod(1, 0, "Failed", exit_code=1)
+        clock.seconds += 1
+        await reconciler.reconcile("ns", "job", stale)
+        assert (api.job["status"]["attempt"], api.job["status"]["restarts"], api.job["status"]["countedFailures"]) \
+            == (1, 1, 1)
+        await reconciler.close()
+
+    asyncio.run(scenario())
+
+
+def test_failed_creates_are_reported_once_in_the_message_and_raised() -> None:
+    reconciler, api, _ = make_reconciler(make_job())
+    api.fail_pod_creates = 'pods "job-a0-n0" is forbidden: exceeded quota'
+
+    async def scenario() -> None:
+        for _ in range(2):
+            with pytest.raises(ApiError):
+                await reconciler.reconcile("ns", "job", api.job)
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert api.job is not None
+    assert api.job["status"]["message"] == (
+        "Attempt 0: 0 of 1 pod(s) running (API error: create failed (403): "
+        'pods "job-a0-n0" is forbidden: exceeded quota)'
+    )
+
+
+def test_own_pod_events_need_no_reconcile_but_changes_do() -> None:
+    reconciler, api, _ = make_reconciler(make_job())
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    pod = api.pods["job-a0-n0"]
+    assert reconciler.pod_changed(pod, "ADDED") is None
+    assert reconciler.pod_changed({**pod, "status": {"phase": "Running"}}, "MODIFIED") == ("ns", "job")
+    assert reconciler.pod_changed(pod, "DELETED") == ("ns", "job")
+
+
+def test_the_timer_reads_progress_of_a_running_job() -> None:
+    running = {"phase": "Running", "attempt": 0, "restarts": 0, "countedFailures": 0, "startTime": "x"}
+    sample = ProgressSample(step=5, total_steps=50, observed_at=1.0)
+    reconciler, api, _ = make_reconciler(make_job(status=running), sample)
+    api.pods = {"job-a0-n0": make_pod(0, 0, "Running", ip="10.1.2.3")}
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        assert api.job is not None and "progress" not in api.job["status"]
+        await reconciler.reconcile("ns", "job", api.job, want_progress=True)
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert api.job is not None
+    assert api.job["status"]["progress"] == {"step": 5, "totalSteps": 50, "percent": 10.0, "summary": "5/50 (10%)"}
+
+
+def test_a_finished_job_settles_and_its_ttl_deletes_it() -> None:
+    finished = {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}
+    reconciler, api, clock = make_reconciler(make_job(status=finished))
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        assert api.job is not None
+        assert reconciler.is_settled("ns", "job", api.job)
+        api.job["spec"]["ttlSecondsAfterFinished"] = 10
+        api.job["metadata"]["generation"] = 2
+        assert not reconciler.is_settled("ns", "job", api.job)
+        await reconciler.reconcile("ns", "job", api.job)
+        assert "delete FineTuneJob" in api.writes
+        await reconciler.close()
+
+    asyncio.run(scenario())
