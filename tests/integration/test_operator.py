@@ -346,12 +346,13 @@ def test_invalid_exit_fails_at_once_with_the_termination_message(client: Client,
 
 
 def test_invalid_spec_fails_with_the_field_and_no_pods(client: Client, ns: str) -> None:
-    client.create_job(ns, "too-long", training={"maxSteps": 5, "maxSeqLength": 100000})
-    status = wait_for(phase_is(client, ns, "too-long", "Failed"))
+    # Each URI is valid alone; writing the output inside the base model's folder is not.
+    client.create_job(ns, "overlap", output={"uri": "s3://models/tiny-gpt2/finetuned"})
+    status = wait_for(phase_is(client, ns, "overlap", "Failed"))
     invalid = next(c for c in status["conditions"] if c["type"] == "InvalidSpec")
-    assert invalid["message"].startswith("spec.training.maxSeqLength: 100000 exceeds 65536")
+    assert invalid["message"].startswith("spec.output.uri: "), invalid
     assert client.pod_names(ns) == []
-    assert client.event_reasons(ns, "too-long") == ["InvalidSpec"]
+    assert client.event_reasons(ns, "overlap") == ["InvalidSpec"]
 
 
 def test_suspend_and_resume(client: Client, ns: str) -> None:
