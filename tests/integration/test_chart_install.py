@@ -1,0 +1,113 @@
+"""The Helm chart applied to the local API server with kubectl, and the operator run with the chart's settings."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster.apiserver import APIServer, running_apiserver
+from localcluster.seaweedfs import free_ports
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "finetune-operator"
+HELM = ROOT / ".cache" / "tools" / "helm"
+RELEASE = "ftj"
+SYSTEM_NS = "finetune-system"
+TEAM_NS = "team-a"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    if not HELM.exists():
+        subprocess.run([str(ROOT / "scripts" / "install-helm"), str(HELM.parent)], check=True)
+    return HELM
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[APIServer]:
+    # No kubelet: the test checks what the operator creates, not what runs.
+    with running_apiserver(kubeconfig=tmp_path / "kubeconfig", kubelet=False) as api:
+        yield api
+
+
+def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
+    result = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "--cache-dir", str(kubeconfig.parent / "kc-cache"), *args],
+        input=input, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def wait_for(predicate: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, server: APIServer,
+                                                                  tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    for ns in (SYSTEM_NS, TEAM_NS):
+        kubectl(kubeconfig, "create", "namespace", ns)
+    rendered = subprocess.run(
+        [str(helm), "template", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--include-crds",
+         "--set", f"watchNamespaces={{{TEAM_NS}}}", "--set", "rbac.scope=namespace"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    applied = kubectl(kubeconfig, "apply", "--validate=false", "-f", "-", input=rendered)
+    assert "customresourcedefinition.apiextensions.k8s.io/finetunejobs.finetune.dev created" in applied
+    assert "deployment.apps/ftj-finetune-operator created" in applied, applied
+    assert "serviceaccount/ftj-finetune-operator created" in applied
+    assert "role.rbac.authorization.k8s.io/" in applied and "rolebinding.rbac.authorization.k8s.io/" in applied
+
+    # Run the operator exactly as the chart's Deployment would: its command, args and environment.
+    deployment = json.loads(kubectl(kubeconfig, "get", "deployment", "-n", SYSTEM_NS, "-o", "json",
+                                    "ftj-finetune-operator"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    chart_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    assert chart_env["FINETUNE_NAMESPACES"] == TEAM_NS
+    metrics_port, health_port = free_ports(2)
+    env = {**os.environ, **chart_env, "FINETUNE_METRICS_PORT": str(metrics_port),
+           "FINETUNE_HEALTH_PORT": str(health_port), "FINETUNE_BIND_ADDRESS": "127.0.0.1"}
+    log = (tmp_path / "operator.log").open("wb")
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "finetune_operator", *container.get("args", []), "--kubeconfig", str(kubeconfig)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        job = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+        job["metadata"]["namespace"] = TEAM_NS
+        kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job))
+        pods = wait_for(lambda: json.loads(kubectl(kubeconfig, "get", "pods", "-n", TEAM_NS, "-o", "json"))["items"])
+        assert [p["metadata"]["name"] for p in pods] == ["tiny-cpu-a0-n0"]
+        image = pods[0]["spec"]["containers"][0]["image"]
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        assert image.startswith(values["trainer"]["image"]["repository"])
+        # A job in a namespace the chart does not list is left alone.
+        other = {**job, "metadata": {"name": "elsewhere", "namespace": "default"}}
+        kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(other))
+        time.sleep(2)
+        assert json.loads(kubectl(kubeconfig, "get", "pods", "-n", "default", "-o", "json"))["items"] == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(operator.pid, signal.SIGTERM)
+        operator.wait(timeout=20)
+        log.close()
