@@ -1,0 +1,630 @@
+"""Training data: JSONL/JSON/Parquet rows into tokenized examples with loss masks, packing, eval split, batches.
+
+Files
+    ``.jsonl`` and ``.json`` are JSON lines (blank lines skipped); a ``.json`` file whose first character is ``[``
+    is one JSON array of rows. ``.parquet`` is read column by column (only the configured field's column). Row
+    locations are ``<file>:<line>`` (1-based) for JSON lines, ``<file>:<line>`` of the row's first character for
+    JSON arrays and ``<file>:row <n>`` (1-based) for Parquet, where ``<file>`` is the source URI when known.
+
+Formats (field names come from ``DatasetConfig``)
+    ``text``: ``{"text": str}`` -> text + eos; every token is trained.
+    ``promptCompletion``: ``{"prompt": str, "completion": str}`` -> prompt (label -100), then completion + eos
+    (trained). Prompt and completion are tokenized separately, as at inference (the prompt, then generation).
+    ``chat``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`` with at least one
+    assistant turn; only assistant turns are trained.
+      - With the tokenizer's chat template: assistant turn ``i`` is the text between
+        ``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i + 1])``, i.e. its content and
+        the template's end-of-turn tokens. A template that does not render conversations prefix by prefix (one
+        that rewrites earlier turns) makes such rows malformed.
+      - Without one, ``DEFAULT_CHAT_TEMPLATE`` (kept stable; a Jinja copy is exported so inference can match it)::
+
+            <|system|>\\n{content}\\n
+            <|user|>\\n{content}\\n
+            <|assistant|>\\n{content}<eos>
+
+        one block per message in order, nothing between blocks; the assistant's content and its eos are trained.
+    Pieces are tokenized separately with ``add_special_tokens=False``; the tokenizer's BOS is prepended when it adds
+    one by default (not for chat templates, which write their own).
+
+Truncation and masks
+    Examples are cut at ``maxSeqLength`` (from the right); one left with no trained token is dropped and counted.
+    Labels are -100 on untrained tokens and on padding.
+
+Packing
+    Examples are appended in order into sequences of at most ``maxSeqLength`` tokens; one that does not fit starts
+    the next sequence, so no example is ever split. Boundaries are kept two ways: (1) each example's
+    ``position_ids`` restart at 0, and (2) the first token of each example has label -100, so no loss term predicts
+    one example's first token from the previous one. Packed batches carry ``position_ids`` and no
+    ``attention_mask``: transformers then builds a block-diagonal causal mask from the restarting position ids
+    (a unit test checks it with 5.24, GPT-2, eager and sdpa on CPU: logits equal those of each example alone),
+    so attention does not cross examples either; with flash-attention transformers turns the same position ids
+    into varlen boundaries (not tested here: no GPU). Transformers looks for packed sequences only when no KV cache
+    is in use: ``use_cache`` must be False in training (HF ``Trainer`` sets it from ``TrainingArguments.use_cache``,
+    False by default; with a cache the examples of a row would see each other). Each padding
+    token of a packed row gets position id 0, so each is a block of its own that nothing else attends to; as every
+    example has at least two tokens (one trained after the first), the trailing zeros of ``position_ids`` are
+    exactly the padding, which is how ``count_real_tokens`` counts packed batches. A model whose attention ignores
+    ``position_ids`` for masking would attend across examples; the loss mask would still hold.
+
+Malformed rows
+    Bad JSON, a row that is not an object, a missing field, a wrong type, an empty text or completion, empty
+    messages, an unknown role or no assistant turn raise ``DataError("<file>:<line>: <problem>")``. With
+    ``maxMalformedRows`` N > 0 such rows are skipped, counted and logged with their location, and the
+    (N + 1)-th raises. ``DataStats`` holds the counts for metrics and result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from finetune_trainer.config import DatasetConfig, TrainerConfig
+from finetune_trainer.storage import ByteHook, pull_dataset
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+ENCODE_BATCH_ROWS = 512
+
+TokenArray = npt.NDArray[np.int32]
+# A piece of an example before tokenization: text (or one literal token id) and whether it is trained.
+Segment = tuple[str | int, bool]
+# A data file and the name its rows are reported under (the URI it came from); a bare Path is named by itself.
+DataFile = Path | tuple[Path, str]
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the file and line and what is wrong."""
+
+
+class _Malformed(Exception):
+    """One row is unusable; the message says why (without the location)."""
+
+
+@dataclass
+class Example:
+    input_ids: TokenArray
+    labels: TokenArray
+    position_ids: TokenArray | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    """Counts for metrics and result.json (``to_dict`` gives them camelCase names).
+
+    ``rows``: rows read, malformed ones included; ``skipped``: malformed rows skipped under maxMalformedRows;
+    ``examples``: usable rows (train + eval); ``truncated``: examples cut at maxSeqLength; ``dropped_untrained``:
+    examples dropped because truncation left no trained token; ``tokens`` / ``trained_tokens``: real (non-pad)
+    tokens of all examples and those that carry a loss; ``train_tokens``: real tokens of the training split;
+    ``*_sequences``: dataset rows after packing (the examples themselves without packing).
+    """
+
+    files: int = 0
+    rows: int = 0
+    skipped: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_untrained: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_tokens: int = 0
+    train_sequences: int = 0
+    eval_sequences: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        names = {
+            "files": "files",
+            "rows": "rows",
+            "skipped": "skippedRows",
+            "examples": "examples",
+            "truncated": "truncatedExamples",
+            "dropped_untrained": "droppedUntrainedExamples",
+            "tokens": "tokens",
+            "trained_tokens": "trainedTokens",
+            "train_examples": "trainExamples",
+            "eval_examples": "evalExamples",
+            "train_tokens": "trainTokens",
+            "train_sequences": "trainSequences",
+            "eval_sequences": "evalSequences",
+        }
+        return {camel: getattr(self, name) for name, camel in names.items()}
+
+
+@dataclass
+class _MalformedBudget:
+    limit: int
+    skipped: int = 0
+    locations: list[str] = field(default_factory=list)
+
+    def reject(self, location: str, problem: str) -> None:
+        if self.limit == 0:
+            raise DataError(f"{location}: {problem}")
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise DataError(
+                f"{location}: {problem} ({self.skipped} malformed rows, more than dataset.maxMalformedRows = "
+                f"{self.limit})"
+            )
+        log.warning("%s: %s; skipped (%d of at most %d)", location, problem, self.skipped, self.limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _file_and_name(item: DataFile) -> tuple[Path, str]:
+    if isinstance(item, tuple):
+        return Path(item[0]), item[1]
+    return Path(item), str(item)
+
+
+def read_rows(path: Path, name: str, columns: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
+    """``(location, row, problem)`` for each row; ``problem`` is set when the row could not even be parsed."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(path, name, columns)
+    elif suffix in (".jsonl", ".json"):
+        with path.open("rb") as handle:
+            first = handle.read(64).lstrip()
+        if suffix == ".json" and first.startswith(b"["):
+            yield from _json_array_rows(path, name)
+        else:
+            yield from _json_lines_rows(path, name)
+    else:
+        raise DataError(f"{name}: unsupported file type {suffix or '(none)'} (expected .jsonl, .json or .parquet)")
+
+
+def _json_lines_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | None]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            location = f"{name}:{number}"
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield location, None, f"not valid UTF-8 (byte {exc.start + 1})"
+                continue
+            try:
+                yield location, json.loads(text), None
+            except json.JSONDecodeError as exc:
+                yield location, None, f"not valid JSON: {exc.msg} (column {exc.colno})"
+
+
+def _json_array_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | None]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not valid UTF-8 (byte {exc.start + 1})") from None
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+
+    def skip_space(at: int) -> int:
+        while at < len(text) and text[at] in " \t\r\n":
+            at += 1
+        return at
+
+    def line_of(at: int) -> int:
+        return text.count("\n", 0, at) + 1
+
+    position = skip_space(position)
+    if position < len(text) and text[position] == "]":
+        return
+    while True:
+        try:
+            row, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            # The rest of an array cannot be parsed past an error, so this is never skippable.
+            raise DataError(f"{name}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        yield f"{name}:{line_of(position)}", row, None
+        position = skip_space(end)
+        if position < len(text) and text[position] == ",":
+            position = skip_space(position + 1)
+            continue
+        if position < len(text) and text[position] == "]":
+            return
+        raise DataError(f"{name}:{line_of(position)}: not valid JSON: expected ',' or ']' after a row")
+
+
+def _parquet_rows(path: Path, name: str, columns: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{name}: not a readable Parquet file: {exc}") from None
+    present = set(parquet.schema_arrow.names)
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DataError(
+            f"{name}: no column {', '.join(map(repr, missing))} (columns: {', '.join(sorted(present)) or 'none'})"
+        )
+    number = 0
+    for batch in parquet.iter_batches(columns=list(columns), batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{name}:row {number}", row, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows into segments and tokens
+
+
+class ExampleBuilder:
+    """Turns rows of one format into tokenized examples (``input_ids``, ``labels``) for one tokenizer."""
+
+    def __init__(self, tokenizer: Any, dataset: DatasetConfig, max_seq_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.max_seq_length = max_seq_length
+        self.eos_id: int | None = tokenizer.eos_token_id
+        self.use_template = dataset.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
+        probe = tokenizer("a")["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.bos: list[int] = [bos] if bos is not None and probe[:1] == [bos] and not self.use_template else []
+
+    @property
+    def columns(self) -> list[str]:
+        d = self.dataset
+        if d.format == "text":
+            return [d.textField]
+        if d.format == "promptCompletion":
+            return [d.promptField, d.completionField]
+        return [d.messagesField]
+
+    def segments(self, row: Any) -> list[Segment]:
+        """The row's pieces, or ``_Malformed`` saying what is wrong with it."""
+        if not isinstance(row, dict):
+            raise _Malformed(f"expected a JSON object, got {_describe(row)}")
+        d = self.dataset
+        eos: list[Segment] = [(self.eos_id, True)] if self.eos_id is not None else []
+        if d.format == "text":
+            return [(_string(row, d.textField, allow_empty=False), True), *eos]
+        if d.format == "promptCompletion":
+            prompt = _string(row, d.promptField, allow_empty=True)
+            completion = _string(row, d.completionField, allow_empty=False)
+            return [(prompt, False), (completion, True), *eos]
+        messages = _messages(row, d.messagesField)
+        if self.use_template:
+            return self._template_segments(messages)
+        pieces: list[Segment] = []
+        for message in messages:
+            header = f"<|{message['role']}|>\n"
+            if message["role"] == "assistant":
+                pieces += [(header, False), (message["content"], True), *eos]
+            else:
+                pieces.append((header + message["content"] + "\n", False))
+        return pieces
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception()
+            raise _Malformed(f"the tokenizer's chat template failed: {exc}") from None
+        return str(text)
+
+    def _template_segments(self, messages: list[dict[str, str]]) -> list[Segment]:
+        full = self._render(messages, False)
+        pieces: list[Segment] = []
+        done = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            turn = self._render(messages[: i + 1], False)
+            if i == 0:
+                # Templates refuse to render an empty conversation; the turn starts where its content does.
+                start = turn.find(message["content"]) if message["content"] else len(turn)
+                consistent = start >= 0
+            else:
+                prompt = self._render(messages[:i], True)
+                start = len(prompt)
+                consistent = turn.startswith(prompt)
+            end = len(turn)
+            if not consistent or not full.startswith(turn) or start < done or end <= start:
+                raise _Malformed(
+                    f"cannot locate assistant turn messages[{i}]: the tokenizer's chat template does not render "
+                    "the conversation prefix by prefix"
+                )
+            pieces += [(full[done:start], False), (full[start:end], True)]
+            done = end
+        pieces.append((full[done:], False))
+        return [piece for piece in pieces if piece[0] != ""]
+
+    def encode(self, rows: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels of many rows' segments, with one batched tokenizer call."""
+        texts = [text for segments in rows for text, _ in segments if isinstance(text, str)]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        result = []
+        for segments in rows:
+            ids = list(self.bos)
+            labels = [IGNORE_INDEX] * len(ids)
+            for text, trained in segments:
+                piece = next(encoded) if isinstance(text, str) else [text]
+                ids += piece
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+            result.append((ids, labels))
+        return result
+
+
+def _string(row: dict[str, Any], name: str, *, allow_empty: bool) -> str:
+    if name not in row:
+        raise _Malformed(f"missing field {name!r}")
+    value = row[name]
+    if not isinstance(value, str):
+        raise _Malformed(f"field {name!r} must be a string, got {_describe(value)}")
+    if not allow_empty and not value.strip():
+        raise _Malformed(f"field {name!r} is empty")
+    return value
+
+
+def _messages(row: dict[str, Any], name: str) -> list[dict[str, str]]:
+    if name not in row:
+        raise _Malformed(f"missing field {name!r}")
+    messages = row[name]
+    if not isinstance(messages, list):
+        raise _Malformed(f"field {name!r} must be a list of messages, got {_describe(messages)}")
+    if not messages:
+        raise _Malformed(f"field {name!r} is empty")
+    clean = []
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise _Malformed(f"{where} must be an object with 'role' and 'content', got {_describe(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise _Malformed(f"{where}: missing field {key!r}")
+            if not isinstance(message[key], str):
+                raise _Malformed(f"{where}: field {key!r} must be a string, got {_describe(message[key])}")
+        if message["role"] not in CHAT_ROLES:
+            raise _Malformed(f"{where}: unknown role {message['role']!r} (expected system, user or assistant)")
+        clean.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise _Malformed(f"no assistant turn in {name!r} (nothing to train on)")
+    return clean
+
+
+def load_examples(
+    files: Sequence[DataFile], builder: ExampleBuilder, budget: _MalformedBudget, stats: DataStats
+) -> list[Example]:
+    """Every usable row of ``files`` as a truncated example; malformed rows raise or spend ``budget``."""
+    examples: list[Example] = []
+    pending: list[list[Segment]] = []
+
+    def flush() -> None:
+        for ids, labels in builder.encode(pending):
+            if len(ids) > builder.max_seq_length:
+                stats.truncated += 1
+                ids, labels = ids[: builder.max_seq_length], labels[: builder.max_seq_length]
+            trained = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+            if trained == 0:
+                stats.dropped_untrained += 1
+                continue
+            stats.examples += 1
+            stats.tokens += len(ids)
+            stats.trained_tokens += trained
+            examples.append(Example(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
+        pending.clear()
+
+    for item in files:
+        path, name = _file_and_name(item)
+        stats.files += 1
+        for location, row, problem in read_rows(path, name, builder.columns):
+            stats.rows += 1
+            if problem is None:
+                try:
+                    pending.append(builder.segments(row))
+                except _Malformed as malformed:
+                    problem = str(malformed)
+            if problem is not None:
+                budget.reject(location, problem)
+            if len(pending) >= ENCODE_BATCH_ROWS:
+                flush()
+    flush()
+    stats.skipped = budget.skipped
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split, packing, batches
+
+
+def split_for_eval(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """``(train, eval)``: a seeded random ``ratio`` of the examples (at least one when there are two) held out."""
+    if ratio <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * ratio)))
+    held_out = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    evaluation = [e for i, e in enumerate(examples) if i in held_out]
+    return train, evaluation
+
+
+def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[Example]:
+    """Examples concatenated in order into sequences of at most ``max_seq_length``; see the module docstring."""
+    packed: list[Example] = []
+    ids: list[TokenArray] = []
+    labels: list[TokenArray] = []
+    positions: list[TokenArray] = []
+    length = 0
+
+    def close() -> None:
+        nonlocal length
+        if ids:
+            packed.append(Example(np.concatenate(ids), np.concatenate(labels), np.concatenate(positions)))
+        ids.clear()
+        labels.clear()
+        positions.clear()
+        length = 0
+
+    for example in examples:
+        n = len(example)
+        if n > max_seq_length:
+            raise ValueError(f"an example of {n} tokens is longer than max_seq_length {max_seq_length}")
+        if length + n > max_seq_length:
+            close()
+        boundary = example.labels.copy()
+        boundary[0] = IGNORE_INDEX
+        ids.append(example.input_ids)
+        labels.append(boundary)
+        positions.append(np.arange(n, dtype=np.int32))
+        length += n
+    close()
+    return packed
+
+
+class TokenizedDataset(Dataset[dict[str, TokenArray]]):
+    """Examples (or packed sequences) as a map-style dataset of numpy arrays for ``PaddingCollator``."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, TokenArray]:
+        example = self.examples[index]
+        item = {"input_ids": example.input_ids, "labels": example.labels}
+        if example.position_ids is not None:
+            item["position_ids"] = example.position_ids
+        return item
+
+
+class PaddingCollator:
+    """Right-pads a batch: pad id on inputs, -100 on labels; an attention mask, or position ids when packed."""
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        packed = "position_ids" in features[0]
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        extra = torch.zeros((len(features), width), dtype=torch.long)
+        for row, (feature, n) in enumerate(zip(features, lengths, strict=True)):
+            input_ids[row, :n] = torch.as_tensor(np.asarray(feature["input_ids"], dtype=np.int64))
+            labels[row, :n] = torch.as_tensor(np.asarray(feature["labels"], dtype=np.int64))
+            if packed:
+                extra[row, :n] = torch.as_tensor(np.asarray(feature["position_ids"], dtype=np.int64))
+            else:
+                extra[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels}
+        batch["position_ids" if packed else "attention_mask"] = extra
+        return batch
+
+
+def count_real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch from ``PaddingCollator``: its attention mask, or for a packed batch the tokens
+    before each row's trailing run of zero position ids."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    positions = batch["position_ids"]
+    width = positions.shape[1]
+    # Index of the last non-zero position per row (-1 when none): everything after it is padding.
+    columns = torch.arange(width).expand_as(positions)
+    last = torch.where(positions != 0, columns, torch.full_like(columns, -1)).max(dim=1).values
+    return int((last + 1).sum())
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedDataset
+    eval: TokenizedDataset | None
+    collator: PaddingCollator
+    stats: DataStats
+
+
+def build_datasets(
+    config: TrainerConfig,
+    tokenizer: Any,
+    *,
+    local_rank: int = 0,
+    on_bytes: ByteHook | None = None,
+    train_files: Sequence[DataFile] | None = None,
+    eval_files: Sequence[DataFile] | None = None,
+) -> PreparedData:
+    """Train and eval datasets and their collator; files are pulled from ``dataset.uri`` / ``evalUri`` into the
+    node cache (local rank 0 downloads) unless given."""
+    dataset, training = config.dataset, config.training
+    if train_files is None:
+        train_files = pull_dataset(
+            dataset.uri, config.local.cacheDir, config.storage, local_rank=local_rank, on_bytes=on_bytes
+        )
+    if eval_files is None and dataset.evalUri:
+        eval_files = pull_dataset(
+            dataset.evalUri, config.local.cacheDir, config.storage, local_rank=local_rank, on_bytes=on_bytes
+        )
+    builder = ExampleBuilder(tokenizer, dataset, training.maxSeqLength)
+    budget = _MalformedBudget(dataset.maxMalformedRows)
+    stats = DataStats()
+    examples = load_examples(train_files, builder, budget, stats)
+    if eval_files:
+        train = examples
+        evaluation = load_examples(eval_files, builder, budget, stats)
+    else:
+        train, evaluation = split_for_eval(examples, dataset.effective_eval_split, training.seed)
+    names = ", ".join(_file_and_name(f)[1] for f in [*train_files, *(eval_files or [])])
+    if not train:
+        raise DataError(f"{names}: no usable training rows ({stats.rows} rows read, {stats.skipped} malformed)")
+    if stats.dropped_untrained:
+        log.warning(
+            "%d examples had no trained token left after truncation to %d tokens and were dropped",
+            stats.dropped_untrained,
+            training.maxSeqLength,
+        )
+    stats.train_examples, stats.eval_examples = len(train), len(evaluation)
+    stats.train_tokens = sum(len(e) for e in train)
+    if training.packing:
+        train = pack_examples(train, training.maxSeqLength)
+        evaluation = pack_examples(evaluation, training.maxSeqLength)
+    stats.train_sequences, stats.eval_sequences = len(train), len(evaluation)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PreparedData(
+        train=TokenizedDataset(train),
+        eval=TokenizedDataset(evaluation) if evaluation else None,
+        collator=PaddingCollator(pad if pad is not None else 0),
+        stats=stats,
+    )
