@@ -220,7 +220,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                          f"≤ {GOALS['burst']:.0f} s", "ok" if all_running <= GOALS["burst"] else "MISSED"))
             rows.append(("  of which: pods patched Running → jobs Running",
                          f"{time.perf_counter() - running_started:.2f} s", "", ""))
-            await asyncio.sleep(3 * 5)  # a few resync timer rounds with every job live
+            await asyncio.sleep(3 * 5)  # three resync rounds (5 s each) with every job live
             rss = psutil.Process(operator.pid).memory_info().rss / 2**20
             total = args.jobs + 1 + args.burst
             rows.append((f"operator RSS with {total} jobs", f"{rss:.0f} MB", f"≤ {GOALS['rss']:.0f} MB",
@@ -247,8 +247,9 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             await asyncio.sleep(2.0)
             after = _operator_metrics(metrics_port)
             own = {verb: (after.get(verb, 0) - before.get(verb, 0)) / len(lifecycle) for verb in WRITE_VERBS}
-            # Every write to the FineTuneJob (status patches, kopf's finalizer and annotation) bumps its
-            # resourceVersion; the test's own two (create, delete) are not the operator's.
+            # Every write to the FineTuneJob bumps its resourceVersion: the operator's status patches, and anything
+            # kopf writes (nothing now: no finalizer, no annotations); the test's own two (create, delete) are not
+            # the operator's.
             job_object = statistics.mean(len(job_writes[name]) - 2 for name in lifecycle)
             kopf_writes = job_object - own["patch_status"]
             detail = ", ".join(f"{verb} {count:.1f}" for verb, count in own.items())

@@ -30,6 +30,36 @@ DEFAULT_POOL_SIZE: Final = 64
 
 _PLURALS: Final = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events"}
 
+Rule = tuple[str, str, str]
+"""An RBAC permission: (apiGroup, resource, verb)."""
+
+# Every permission the requests of KubeApi need, kept next to the methods below (each names its rule). With what
+# kopf itself needs (handlers.kopf_rbac) it is exactly the chart's RBAC: tests/unit/test_operator_rbac.py records
+# the requests reconciles really make and checks both this table and the chart's rendered rules against them.
+API_RBAC: Final[frozenset[Rule]] = frozenset({
+    (c.GROUP, c.PLURAL, "get"),  # get_job: a job triggered before its watch event arrived
+    (c.GROUP, c.PLURAL, "delete"),  # delete_job: ttlSecondsAfterFinished
+    (c.GROUP, f"{c.PLURAL}/status", "patch"),  # patch_job_status: the one status patch of a reconcile
+    ("", "pods", "list"),  # list_job_pods
+    ("", "pods", "create"),  # create: the gang
+    ("", "pods", "delete"),  # delete: a failed attempt's gang, cleanPodPolicy
+    ("", "services", "create"),  # create: the headless rendezvous Service (garbage-collected with the job)
+    ("", "configmaps", "create"),  # create_or_update_data: the trainer config ...
+    ("", "configmaps", "patch"),  # ... and its data replaced for each new attempt
+    ("", "events", "list"),  # list_pod_events: FailedScheduling / TriggeredScaleUp of unscheduled pods
+    ("", "events", "create"),  # create_event: the job's phase changes
+})
+# With kopf peering (several replicas): get_peering reads the peering object to pause the resync with kopf.
+PEERING_API_GROUP: Final = "kopf.dev"
+PEERING_VERSION: Final = "v1"
+CLUSTER_PEERINGS: Final = "clusterkopfpeerings"
+NAMESPACED_PEERINGS: Final = "kopfpeerings"
+
+
+def peering_rbac(clusterwide: bool) -> frozenset[Rule]:
+    """What get_peering needs: the ClusterKopfPeering in cluster-wide mode, else a KopfPeering per namespace."""
+    return frozenset({(PEERING_API_GROUP, CLUSTER_PEERINGS if clusterwide else NAMESPACED_PEERINGS, "get")})
+
 
 class ApiError(Exception):
     """An API request failed; ``status`` is the HTTP status (0 when the server could not be reached)."""
@@ -341,6 +371,16 @@ class KubeApi:
 
     async def create_event(self, body: Mapping[str, Any]) -> None:
         await self.create(body)
+
+    async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """kopf's peering object (cluster-wide when ``namespace`` is None); None when it does not exist."""
+        base = f"/apis/{PEERING_API_GROUP}/{PEERING_VERSION}"
+        if namespace is None:
+            path = f"{base}/{CLUSTER_PEERINGS}/{quote(name)}"
+        else:
+            path = f"{base}/namespaces/{quote(namespace)}/{NAMESPACED_PEERINGS}/{quote(name)}"
+        status, body = await self.request("get", "GET", path, ok_statuses=(404,))
+        return None if status == 404 else dict(body or {})
 
 
 async def gather_actions(coroutines: Sequence[Awaitable[Any]]) -> list[BaseException]:

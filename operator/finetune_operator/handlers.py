@@ -1,28 +1,78 @@
-"""Thin kopf handlers: create, resume, update, a timer and pod events all run the same reconcile."""
+"""Thin kopf handlers: watch events of jobs and their pods trigger the reconcile; the operator's own resync task
+reconciles every known job periodically.
+
+No handler needs a finalizer (kopf adds one for timers, daemons and mandatory deletion handlers): a FineTuneJob
+deleted while the operator is down goes away at once, and the garbage collector removes its children through their
+owner references. Only ``on.event`` handlers watch the jobs, so kopf writes nothing to them either (no finalizer, no
+progress or last-handled-configuration annotations); the reconcile is level-based and needs no handler state.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
-from typing import Any
+import secrets
+import socket
+from typing import Any, Final, cast
 
 import kopf
 
 from finetune_operator import constants as c
-from finetune_operator.api import ApiError, KubeApi, load_connection
+from finetune_operator.api import API_RBAC, PEERING_API_GROUP, KubeApi, Rule, load_connection, peering_rbac
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.reconcile import ERROR_BACKOFF_SECONDS, Reconciler
+from finetune_operator.peering import PeeringCheck
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
 
 JOBS = (c.GROUP, c.VERSION, c.PLURAL)
 MEMO_RECONCILER = "reconciler"
 MEMO_METRICS = "metrics"
+MEMO_RESYNC = "resync"
+MEMO_IDENTITY = "identity"
+MEMO_PRIORITY = "priority"
+PODS = ("", "v1", "pods")
+
+# What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
+# (warnings and errors), watch CRDs to notice the FineTuneJob CRD change (cluster-scoped), and with peering list,
+# watch and patch (keep-alives) the peering object. It never lists namespaces: the watched ones are given by name,
+# and a cluster-wide kopf watches across all namespaces without them.
+KOPF_RBAC: Final[frozenset[Rule]] = frozenset({
+    (c.GROUP, c.PLURAL, "list"),
+    (c.GROUP, c.PLURAL, "watch"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "events", "create"),
+})
+KOPF_CLUSTER_RBAC: Final[frozenset[Rule]] = frozenset({
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+})
+
+
+def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
+    plural = "clusterkopfpeerings" if clusterwide else "kopfpeerings"
+    return frozenset({(PEERING_API_GROUP, plural, verb) for verb in ("list", "watch", "patch")})
+
+
+def required_rbac(*, clusterwide: bool, peering: bool) -> frozenset[Rule]:
+    """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC."""
+    rules = API_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
+    if peering:
+        rules |= peering_rbac(clusterwide) | kopf_peering_rbac(clusterwide)
+    return rules
 
 
 def peering_priority() -> int:
     """A random priority per replica: kopf pauses every peer when the highest priority is shared."""
     return random.SystemRandom().randint(1, 1_000_000)
+
+
+def peering_identity() -> str:
+    """This replica's name among the peers: the host (the pod name in a cluster), the process and a random tail."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
@@ -31,7 +81,8 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     # double the API writes of every job.
     kopf_settings.posting.level = logging.WARNING
     kopf_settings.posting.reporting_component = c.MANAGED_BY
-    # The CRD's structural schema prunes status.kopf, so kopf's retry bookkeeping lives in annotations only.
+    # Only on.event handlers: kopf keeps no handler progress and writes nothing to the jobs. Should a changing
+    # handler ever be added, its bookkeeping must go to annotations: the CRD's structural schema prunes status.kopf.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
     kopf_settings.peering.standalone = settings.peering is None
     kopf_settings.peering.clusterwide = settings.clusterwide
@@ -53,15 +104,21 @@ async def operate(
     """Run the operator in the current event loop until ``stop_flag`` is set (or a signal arrives)."""
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, settings)
+    # Our own identity (not kopf's guess) so the resync's peering check finds this replica among the peers.
+    identity = peering_identity()
+    memo = kopf.Memo()
+    memo[MEMO_IDENTITY] = identity
+    memo[MEMO_PRIORITY] = kopf_settings.peering.priority
     await kopf.operator(
         registry=build_registry(settings),
         settings=kopf_settings,
+        identity=cast(Any, identity),  # kopf's Identity is a NewType of str, not exported
         standalone=settings.peering is None,
         peering_name=settings.peering,
         clusterwide=settings.clusterwide,
         namespaces=settings.namespaces,
         liveness_endpoint=settings.liveness_endpoint,
-        memo=kopf.Memo(),
+        memo=memo,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
@@ -70,10 +127,6 @@ async def operate(
 def _reconciler(memo: kopf.Memo) -> Reconciler:
     reconciler: Reconciler = memo[MEMO_RECONCILER]
     return reconciler
-
-
-def _retry_delay(error: ApiError) -> float:
-    return ERROR_BACKOFF_SECONDS[2] if error.status in (0, 429) or error.status >= 500 else ERROR_BACKOFF_SECONDS[-1]
 
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:
@@ -91,53 +144,40 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
         metrics = OperatorMetrics()
         port = metrics.serve(operator_settings.metrics_port, operator_settings.bind_address)
         api = KubeApi(lambda: load_connection(operator_settings.kubeconfig), metrics)
+        reconciler = Reconciler(api, operator_settings, metrics)
         memo[MEMO_METRICS] = metrics
-        memo[MEMO_RECONCILER] = Reconciler(api, operator_settings, metrics)
-        logger.info("FineTuneJob operator: metrics on %s:%d, namespaces %s, trainer image %s",
+        memo[MEMO_RECONCILER] = reconciler
+        active = None
+        if operator_settings.peering is not None:
+            active = PeeringCheck(api, operator_settings.peering, operator_settings.namespaces,
+                                  memo.get(MEMO_IDENTITY, ""), int(memo.get(MEMO_PRIORITY, 0)))
+        memo[MEMO_RESYNC] = asyncio.get_running_loop().create_task(
+            reconciler.resync_forever(operator_settings.resync_seconds, active), name="finetunejob resync")
+        logger.info("FineTuneJob operator: metrics on %s:%d, namespaces %s, trainer image %s, resync every %gs",
                     operator_settings.bind_address, port, ",".join(operator_settings.namespaces) or "all",
-                    operator_settings.trainer_image)
+                    operator_settings.trainer_image, operator_settings.resync_seconds)
 
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        if MEMO_RESYNC in memo:
+            task: asyncio.Task[None] = memo[MEMO_RESYNC]
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if MEMO_RECONCILER in memo:
             await _reconciler(memo).close()
         if MEMO_METRICS in memo:
             memo[MEMO_METRICS].stop()
 
-    @kopf.on.create(*JOBS, id="reconcile", registry=registry)
-    @kopf.on.resume(*JOBS, id="reconcile", registry=registry)
-    @kopf.on.update(*JOBS, id="reconcile", registry=registry)
-    async def reconcile_job(
-        spec: kopf.Spec, patch: kopf.Patch, logger: kopf.Logger, body: kopf.Body, memo: kopf.Memo, **_: Any
-    ) -> None:
-        # The spec is only read; status goes through the reconciler's single status patch, never kopf's patch.
-        try:
-            await _reconciler(memo).reconcile(body.meta.namespace or "default", body.meta.name or "", dict(body))
-        except ApiError as error:
-            raise kopf.TemporaryError(str(error), delay=_retry_delay(error)) from error
-
-    @kopf.on.timer(*JOBS, id="resync", interval=settings.resync_seconds, registry=registry)
-    async def resync_job(
-        spec: kopf.Spec, patch: kopf.Patch, logger: kopf.Logger, body: kopf.Body, memo: kopf.Memo, **_: Any
-    ) -> None:
-        reconciler = _reconciler(memo)
-        namespace, name = body.meta.namespace or "default", body.meta.name or ""
-        if reconciler.is_settled(namespace, name, body):
-            return
-        try:
-            await reconciler.reconcile(namespace, name, dict(body), want_progress=True)
-        except ApiError as error:
-            raise kopf.TemporaryError(str(error), delay=_retry_delay(error)) from error
-
     @kopf.on.event(*JOBS, id="job-event", registry=registry)
     async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # The watch event arrives before kopf's create handler (which waits for kopf's finalizer): reacting
-        # here starts the pods one round trip earlier.
+        # Every job the watch shows (created, edited, or listed when the operator starts) is remembered for the
+        # resync; a new one or a new generation is reconciled now. DELETED forgets it.
         reconciler = _reconciler(memo)
         if reconciler.job_seen(dict(body), event.get("type")) and not body.meta.get("deletionTimestamp"):
             reconciler.trigger(body.meta.namespace or "default", body.meta.name or "")
 
-    @kopf.on.event("", "v1", "pods", id="pod-event", labels={c.LABEL_JOB_NAME: kopf.PRESENT}, registry=registry)
+    @kopf.on.event(*PODS, id="pod-event", labels={c.LABEL_JOB_NAME: kopf.PRESENT}, registry=registry)
     async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconciler = _reconciler(memo)
         owner = reconciler.pod_changed(body, event.get("type"))

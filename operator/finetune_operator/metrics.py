@@ -60,7 +60,7 @@ class OperatorMetrics:
                                    ["reason"], registry=self.registry)
         self.jobs_restarted = Counter("finetune_operator_jobs_restarted", "Gang restarts, by reason.",
                                       ["reason"], registry=self.registry)
-        self.reconcile_seconds = Histogram("finetune_operator_reconcile_duration_seconds",
+        self.reconcile_seconds = Histogram("finetune_operator_reconcile_seconds",
                                            "Wall time of one reconcile (observe, decide, act).",
                                            buckets=RECONCILE_BUCKETS, registry=self.registry)
         self.submitted_to_running_seconds = Histogram(

@@ -4,6 +4,11 @@ Reconciles of one job never overlap: a trigger that arrives while one runs marks
 reconcile goes round once more, so a burst of pod events costs at most two passes. The status this process wrote
 last is authoritative over a possibly older status in a watch event (only the operator writes status), which
 keeps decisions such as "attempt N failed" from being taken twice on stale data.
+
+Besides watch events and requeues, ``resync_forever`` reconciles every known job once per ``resync_seconds``
+(progress, events, deadlines nothing watched reports), spread evenly over the period. It is the operator's own task,
+not a kopf timer: kopf would put a finalizer on every job for a timer, and a job deleted while the operator is down
+would then never go away.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ REQUEUE_MARGIN_SECONDS = 0.05
 
 Clock = Callable[[], datetime.datetime]
 ProgressFetcher = Callable[[str, int], Awaitable[ProgressSample | None]]
+# Asked before each resync round; False pauses the resync (another replica works, see peering.PeeringCheck).
+ActiveCheck = Callable[[], Awaitable[bool]]
 
 
 def utc_now() -> datetime.datetime:
@@ -91,6 +98,8 @@ class Reconciler:
         self._slots: dict[tuple[str, str], _JobSlot] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._rates = StepRateTracker()
+        # While paused (kopf peering: another replica works) requeues and resync rounds do nothing.
+        self.paused = False
 
     async def close(self) -> None:
         for slot in self._slots.values():
@@ -159,10 +168,72 @@ class Reconciler:
                 self._rates.forget(slot.uid)
 
     def is_settled(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
-        """A finished job with nothing left to do needs no timer reconcile until it changes."""
+        """A finished job with nothing left to do needs no resync reconcile until it changes."""
         slot = self._slots.get((namespace, name))
         generation = (body.get("metadata") or {}).get("generation")
         return slot is not None and slot.settled and slot.reconciled_generation == generation
+
+    def known_jobs(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every job the watch has shown and not yet reported deleted."""
+        return list(self._slots)
+
+    def pause(self) -> None:
+        """Stop acting on remembered jobs (another replica took over); kopf relists them when it resumes."""
+        if not self.paused:
+            self.paused = True
+            for key in list(self._slots):
+                self.forget(*key)
+
+    # ---- resync ------------------------------------------------------------------------------------------
+
+    def resync_one(self, namespace: str, name: str) -> bool:
+        """Start the resync reconcile of one job (reading progress); False when none is needed right now.
+
+        A job whose reconcile runs already is skipped (that one sees the newest state), as is a settled one.
+        """
+        slot = self._slots.get((namespace, name))
+        if self.paused or slot is None or slot.lock.locked():
+            return False
+        if slot.body is not None and self.is_settled(namespace, name, slot.body):
+            return False
+        self.trigger(namespace, name, want_progress=True)
+        return True
+
+    async def resync_forever(self, period: float, active: ActiveCheck | None = None) -> None:
+        """Every ``period`` seconds, reconcile each known job once, the starts spread evenly over the period.
+
+        No thundering herd: 200 jobs at 5 s start one reconcile every 25 ms. Never returns (cancel it).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self._resync_round(started, period, active)
+            except Exception:  # the resync must outlive any one round's surprise
+                log.exception("a resync round failed")
+            await asyncio.sleep(max(0.0, started + period - loop.time()))
+
+    async def _resync_round(self, started: float, period: float, active: ActiveCheck | None) -> None:
+        if active is not None and not await self._still_active(active):
+            self.pause()
+            return
+        self.paused = False
+        loop = asyncio.get_running_loop()
+        keys = self.known_jobs()
+        step = period / max(1, len(keys))
+        for index, key in enumerate(keys):
+            delay = started + index * step - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.resync_one(*key)
+
+    @staticmethod
+    async def _still_active(active: ActiveCheck) -> bool:
+        try:
+            return await active()
+        except Exception:
+            log.exception("the peering check failed; pausing the resync until it answers")
+            return False
 
     async def _reconcile_logged(self, namespace: str, name: str, *, want_progress: bool = False) -> None:
         try:
@@ -379,7 +450,14 @@ class Reconciler:
             return
         if existing is not None:
             existing.cancel()
-        slot.requeue = loop.call_at(when, self.trigger, *key)
+        slot.requeue = loop.call_at(when, self._requeued, *key)
+
+    def _requeued(self, namespace: str, name: str) -> None:
+        slot = self._slots.get((namespace, name))
+        if slot is not None:
+            slot.requeue = None
+        if not self.paused:
+            self.trigger(namespace, name)
 
 
 def _owned_by(pod: Mapping[str, Any], uid: Any) -> bool:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-port", help=f"liveness port (/healthz). Env {c.ENV_HEALTH_PORT}")
     parser.add_argument("--bind-address", help=f"address of both endpoints. Env {c.ENV_BIND_ADDRESS}")
     parser.add_argument("--peering", help=f"peering name (HA); absent: standalone. Env {c.ENV_PEERING}")
-    parser.add_argument("--resync-seconds", help=f"reconcile timer interval. Env {c.ENV_RESYNC_SECONDS}")
+    parser.add_argument("--resync-seconds", help=f"seconds between resyncs of each job. Env {c.ENV_RESYNC_SECONDS}")
     parser.add_argument("--progress-seconds", help=f"min. seconds between progress reads. Env {c.ENV_PROGRESS_SECONDS}")
     parser.add_argument("--log-level", help=f"DEBUG, INFO, WARNING or ERROR. Env {c.ENV_LOG_LEVEL}")
     parser.add_argument("--kubeconfig", metavar="PATH",

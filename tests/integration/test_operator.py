@@ -398,7 +398,7 @@ def test_failed_scheduling_waits_for_capacity_then_times_out(client: Client, ns:
         "lastTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"component": "default-scheduler"},
     })
-    # The event carries no pod change: the operator's timer finds it.
+    # The event carries no pod change: the operator's resync finds it.
     waiting = wait_for(lambda: next((c for c in client.status(ns, "big").get("conditions", [])
                                      if c["type"] == "WaitingForCapacity" and c["status"] == "True"), None),
                        what="WaitingForCapacity")
@@ -427,9 +427,75 @@ def test_deleting_the_job_removes_its_children(client: Client, ns: str) -> None:
     client.create_job(ns, "gone")
     wait_for(pods_are(client, ns, ["gone-a0-n0", "gone-a0-n1"]))
     client.delete_job(ns, "gone")
-    wait_for(lambda: client.job(ns, "gone") is None, what="the job to go (kopf's finalizer removed)")
+    wait_for(lambda: client.job(ns, "gone") is None, what="the job to go")
     wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
              and not client.items(ns, "configmaps"), what="garbage collection of the children")
+
+
+def kopf_marks(job: dict[str, Any] | None) -> dict[str, Any]:
+    """What kopf could have written to a job: finalizers and its annotations."""
+    assert job is not None
+    metadata = job["metadata"]
+    return {"finalizers": metadata.get("finalizers") or [],
+            "annotations": sorted(k for k in metadata.get("annotations") or {} if "kopf" in k)}
+
+
+def test_a_running_job_never_carries_a_kopf_finalizer(client: Client, ns: str) -> None:
+    client.create_job(ns, "plain")
+    wait_for(pods_are(client, ns, ["plain-a0-n0", "plain-a0-n1"]))
+    wait_for(phase_is(client, ns, "plain", "Pending"))
+    assert kopf_marks(client.job(ns, "plain")) == {"finalizers": [], "annotations": []}
+    client.run_pod(ns, "plain-a0-n0")
+    client.run_pod(ns, "plain-a0-n1")
+    wait_for(phase_is(client, ns, "plain", "Running"))
+    time.sleep(1.5)  # a resync round or more
+    assert kopf_marks(client.job(ns, "plain")) == {"finalizers": [], "annotations": []}
+
+
+def test_a_job_deleted_while_the_operator_is_down_goes_away_with_its_children(
+    client: Client, ns: str, operator: OperatorProcess
+) -> None:
+    client.create_job(ns, "orphan")
+    wait_for(pods_are(client, ns, ["orphan-a0-n0", "orphan-a0-n1"]))
+    client.run_pod(ns, "orphan-a0-n0")
+    client.run_pod(ns, "orphan-a0-n1")
+    wait_for(phase_is(client, ns, "orphan", "Running"))
+    operator.stop()
+    try:
+        client.delete_job(ns, "orphan")
+        # Nothing holds the deletion: no finalizer, and the garbage collector follows the owner references.
+        wait_for(lambda: client.job(ns, "orphan") is None, timeout=3, what="the job to go without an operator")
+        wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
+                 and not client.items(ns, "configmaps"), timeout=5, what="its pods, Service and ConfigMap to go")
+    finally:
+        operator.start()
+
+
+def test_the_resync_drives_a_job_on_without_any_watch_event(client: Client, ns: str) -> None:
+    client.create_job(ns, "stuck", capacityTimeoutSeconds=2, resources={"gpus": 8})
+    wait_for(pods_are(client, ns, ["stuck-a0-n0", "stuck-a0-n1"]))
+    wait_for(phase_is(client, ns, "stuck", "Pending"))
+
+    def versions() -> list[str]:
+        job = client.job(ns, "stuck") or {}
+        return [str(o["metadata"]["resourceVersion"]) for o in [job, *client.items(ns, "pods")]]
+
+    quiet = versions()
+    # Scheduler events are not watched: only the operator's own periodic resync can read this one.
+    client.call("POST", f"/api/v1/namespaces/{ns}/events", {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "stuck-a0-n0.sched", "namespace": ns},
+        "involvedObject": {"kind": "Pod", "name": "stuck-a0-n0", "namespace": ns},
+        "reason": "FailedScheduling", "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+        "type": "Warning", "lastTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"component": "default-scheduler"},
+    })
+    assert versions() == quiet, "neither the job nor its pods changed: no watch event"
+    wait_for(lambda: any(c["type"] == "WaitingForCapacity" and c["status"] == "True"
+                         for c in client.status(ns, "stuck").get("conditions", [])),
+             timeout=4, what="WaitingForCapacity from a resync (every 1 s here)")
+    status = wait_for(phase_is(client, ns, "stuck", "Failed"), timeout=8, what="Failed by CapacityTimeout")
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "CapacityTimeout"
+    wait_for(pods_are(client, ns, []), what="the gang deleted")
 
 
 def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -> None:
@@ -477,7 +543,7 @@ def test_operator_metrics(client: Client, ns: str, operator: OperatorProcess) ->
     wait_for(phase_is(client, ns, "counted", "Pending"))
     text = wait_for(lambda: operator.metrics() if 'finetune_operator_jobs{phase="Pending"}' in operator.metrics()
                     else None, what="the jobs gauge")
-    for name in ("finetune_operator_jobs_created_total", "finetune_operator_reconcile_duration_seconds_bucket",
+    for name in ("finetune_operator_jobs_created_total", "finetune_operator_reconcile_seconds_bucket",
                  'finetune_operator_api_requests_total{verb="create"}', "process_resident_memory_bytes"):
         assert name in text, name
     with contextlib.suppress(Exception):

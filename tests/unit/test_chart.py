@@ -148,15 +148,14 @@ def triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str
 
 # What every watched namespace needs (the operator's contract), and the cluster-scoped extras.
 NAMESPACED_RULES = (
-    triples("finetune.dev", ["finetunejobs"], ["get", "list", "watch", "patch"])
-    | triples("finetune.dev", ["finetunejobs/status"], ["get", "patch", "update"])
-    | triples("", ["pods"], ["get", "list", "watch", "create", "delete", "patch"])
-    | triples("", ["services", "configmaps"], ["get", "list", "watch", "create", "delete"])
-    | triples("", ["events"], ["create", "patch"])
-    | triples("events.k8s.io", ["events"], ["create", "patch"])
+    triples("finetune.dev", ["finetunejobs"], ["get", "list", "watch", "delete"])
+    | triples("finetune.dev", ["finetunejobs/status"], ["patch"])
+    | triples("", ["pods"], ["list", "watch", "create", "delete"])
+    | triples("", ["services"], ["create"])
+    | triples("", ["configmaps"], ["create", "patch"])
+    | triples("", ["events"], ["create", "list"])
 )
-CRD_RULES = triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"])
-NAMESPACE_WATCH_RULES = triples("", ["namespaces"], ["list", "watch"])
+CRD_RULES = triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
 CLUSTER_PEERING_RULES = triples("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACED_PEERING_RULES = triples("kopf.dev", ["kopfpeerings"], ["get", "list", "watch", "patch"])
 
@@ -439,8 +438,7 @@ def test_should_set_peering_and_create_the_cluster_peering_when_replicas_is_3(he
     assert peering["apiVersion"] == "kopf.dev/v1"
     assert env_of(docs)["FINETUNE_PEERING"] == peering["metadata"]["name"] == FULLNAME
     assert load_settings([], environ=env_of(docs)).peering == FULLNAME
-    assert rule_set(one(docs, "ClusterRole")) == (
-        NAMESPACED_RULES | CRD_RULES | NAMESPACE_WATCH_RULES | CLUSTER_PEERING_RULES)
+    assert rule_set(one(docs, "ClusterRole")) == NAMESPACED_RULES | CRD_RULES | CLUSTER_PEERING_RULES
     assert not of_kind(docs, "KopfPeering")
 
 
@@ -468,7 +466,7 @@ def test_should_grant_exactly_the_least_privilege_rules_when_rbac_scope_is_clust
     docs = render(helm_bin, "--set", "rbac.scope=cluster")
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
     cluster_role = one(docs, "ClusterRole")
-    assert rule_set(cluster_role) == NAMESPACED_RULES | CRD_RULES | NAMESPACE_WATCH_RULES
+    assert rule_set(cluster_role) == NAMESPACED_RULES | CRD_RULES
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": cluster_role["metadata"]["name"]}
@@ -479,7 +477,7 @@ def test_should_grant_exactly_the_least_privilege_rules_when_rbac_scope_is_clust
 def test_should_not_watch_namespaces_when_cluster_rbac_lists_namespaces(helm_bin: Path) -> None:
     docs = render(helm_bin, "--set", "watchNamespaces={team-a,team-b}", "--set", "replicaCount=2")
     assert env_of(docs)["FINETUNE_NAMESPACES"] == "team-a,team-b"
-    # Kopf runs in namespaced mode then: it peers through KopfPeerings and never lists namespaces.
+    # Kopf runs in namespaced mode then: it peers through KopfPeerings; the namespaces are given by name.
     assert rule_set(one(docs, "ClusterRole")) == NAMESPACED_RULES | CRD_RULES | NAMESPACED_PEERING_RULES
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["team-a", "team-b"]
 

@@ -212,3 +212,90 @@ def test_a_finished_job_settles_and_its_ttl_deletes_it() -> None:
         await reconciler.close()
 
     asyncio.run(scenario())
+
+
+# ---- the resync: the operator's own periodic reconcile (no kopf timer, so no finalizer on the jobs) --------------
+
+
+def named_job(name: str, **paths: Any) -> dict[str, Any]:
+    job = make_job(**paths)
+    job["metadata"].update(name=name, uid=f"uid-{name}")
+    return job
+
+
+def record_triggers(reconciler: Reconciler) -> list[tuple[float, str, bool]]:
+    started: list[tuple[float, str, bool]] = []
+
+    def trigger(namespace: str, name: str, *, want_progress: bool = False) -> None:
+        started.append((asyncio.get_running_loop().time(), name, want_progress))
+
+    reconciler.trigger = trigger  # type: ignore[method-assign]
+    return started
+
+
+def test_resync_reconciles_every_known_job_once_per_period_spread_over_it() -> None:
+    reconciler, _, _ = make_reconciler(make_job())
+    for name in ("a", "b", "c", "d"):
+        reconciler.job_seen(named_job(name))
+    started = record_triggers(reconciler)
+
+    async def scenario() -> float:
+        begin = asyncio.get_running_loop().time()
+        task = asyncio.create_task(reconciler.resync_forever(0.4))
+        await asyncio.sleep(0.35)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return begin
+
+    begin = asyncio.run(scenario())
+    assert [(name, progress) for _, name, progress in started] == [(n, True) for n in ("a", "b", "c", "d")]
+    offsets = [when - begin for when, _, _ in started]
+    # One start every period / jobs, not all at once.
+    assert all(0.07 <= later - earlier <= 0.2 for earlier, later in zip(offsets, offsets[1:], strict=False)), offsets
+
+
+def test_resync_skips_a_job_being_reconciled_and_a_settled_one() -> None:
+    finished = {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}
+    reconciler, api, _ = make_reconciler(make_job(status=finished))
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        reconciler.job_seen(named_job("busy"))
+        reconciler.job_seen(named_job("idle"))
+        started = record_triggers(reconciler)
+        async with reconciler._slots[("ns", "busy")].lock:
+            assert not reconciler.resync_one("ns", "busy")
+        assert not reconciler.resync_one("ns", "job")  # settled: Succeeded, nothing to do
+        assert not reconciler.resync_one("ns", "unknown")
+        assert reconciler.resync_one("ns", "idle")
+        assert [name for _, name, _ in started] == ["idle"]
+        await reconciler.close()
+
+    asyncio.run(scenario())
+
+
+def test_resync_pauses_while_another_replica_works() -> None:
+    reconciler, _, _ = make_reconciler(make_job())
+    reconciler.job_seen(named_job("a"))
+    started = record_triggers(reconciler)
+    answers = [False, True]
+
+    async def active() -> bool:
+        return answers[0]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(reconciler.resync_forever(0.1, active))
+        await asyncio.sleep(0.05)
+        # Paused: what this replica remembered is dropped (kopf relists it on resuming), requeues do nothing.
+        assert reconciler.paused and reconciler.known_jobs() == []
+        reconciler._requeued("ns", "a")
+        assert started == []
+        answers.pop(0)
+        reconciler.job_seen(named_job("b"))  # kopf resumed and relisted
+        await asyncio.sleep(0.12)
+        assert not reconciler.paused
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert [name for _, name, _ in started] == ["b"]

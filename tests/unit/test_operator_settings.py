@@ -9,9 +9,9 @@ from finetune_operator.settings import Settings, SettingsError, load_settings
 
 def test_defaults() -> None:
     assert load_settings([], {}) == Settings(
-        namespaces=(), trainer_image="ghcr.io/finetunejob/trainer:0.1.0", metrics_port=8080, health_port=8081,
-        bind_address="0.0.0.0", peering=None, resync_seconds=5.0, progress_seconds=10.0, log_level="INFO",
-        kubeconfig=None,
+        namespaces=(), trainer_image="ghcr.io/finetunejob/finetune-trainer:0.1.0", metrics_port=8080,
+        health_port=8081, bind_address="0.0.0.0", peering=None, resync_seconds=5.0, progress_seconds=10.0,
+        log_level="INFO", kubeconfig=None,
     )
     assert load_settings([], {}).clusterwide
 

@@ -100,59 +100,60 @@ app.kubernetes.io/name: finetune-trainer
 {{/*
 The operator's RBAC rules, least privilege, in two sections so that the Role and ClusterRole flavours share them.
 Call with (dict "root" . "section" "namespaced") for what every watched namespace needs, or "section" "cluster"
-for what only a ClusterRole can grant. Kopf's peering objects: cluster-wide mode uses ClusterKopfPeering,
-namespaced mode (a list of namespaces) one KopfPeering per namespace; both only with replicas > 1.
+for what only a ClusterRole can grant. Exactly what the operator uses: its own requests (API_RBAC in
+finetune_operator/api.py) and kopf's (KOPF_RBAC in finetune_operator/handlers.py); tests/unit/test_operator_rbac.py
+keeps the three equal. Kopf's peering objects: cluster-wide mode uses ClusterKopfPeering, namespaced mode (a list of
+namespaces) one KopfPeering per namespace; both only with replicas > 1. No handler needs a finalizer, so nothing
+patches the jobs themselves, and kopf never lists namespaces (they are given by name, or all of them).
 */}}
 {{- define "finetune-operator.rbacRules" -}}
 {{- $root := .root }}
 {{- $clusterwide := include "finetune-operator.clusterwide" $root }}
 {{- $peering := include "finetune-operator.peering" $root }}
 {{- if eq .section "namespaced" }}
-# The jobs themselves: watch them, and patch finalizers and kopf's bookkeeping annotations.
+# The jobs: kopf lists and watches them; the operator reads one it has no watch event for yet, and deletes
+# finished ones after ttlSecondsAfterFinished.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
-# Status is written only by the operator, through the status subresource.
+  verbs: ["get", "list", "watch", "delete"]
+# Status is written only by the operator, one merge patch of the status subresource per reconcile.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
-# One trainer pod per node of the gang; patch for labels on adoption.
+  verbs: ["patch"]
+# One trainer pod per node of the gang: watched by kopf, listed per job, deleted when an attempt ends.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# The headless rendezvous Service and the trainer config ConfigMap of each job.
+  verbs: ["list", "watch", "create", "delete"]
+# The headless rendezvous Service of each job (the garbage collector deletes it with the job).
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# Events that kubectl describe shows on each job.
+  resources: ["services"]
+  verbs: ["create"]
+# The trainer config ConfigMap of each job, its data replaced for every new attempt.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "patch"]
+# Events: the job's own (kubectl describe), and reading the scheduler's FailedScheduling / TriggeredScaleUp
+# events of pending pods (WaitingForCapacity).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "list"]
 {{- if and $peering (not $clusterwide) }}
-# Peering between replicas in namespaced mode: one KopfPeering per watched namespace.
+# Peering between replicas in namespaced mode: one KopfPeering per watched namespace (kopf watches it and patches
+# its keep-alives; the operator reads it to pause its resync while another replica works).
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- else if eq .section "cluster" }}
-# Kopf scans CRDs to find the FineTuneJob resource and notice it appear or change.
+# Kopf watches CRDs to notice the FineTuneJob resource appear or change.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
-{{- if $clusterwide }}
-# Cluster-wide mode follows namespaces as they come and go.
-- apiGroups: [""]
-  resources: ["namespaces"]
   verbs: ["list", "watch"]
-{{- if $peering }}
+{{- if and $clusterwide $peering }}
 # Peering between replicas in cluster-wide mode.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
-{{- end }}
 {{- end }}
 {{- else }}
 {{- fail (printf "finetune-operator.rbacRules: unknown section %q" .section) }}

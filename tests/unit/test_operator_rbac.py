@@ -1,0 +1,252 @@
+"""The chart's RBAC is exactly what the operator uses: recorded from real reconciles, not from a hand-written list.
+
+A real ``KubeApi`` (only its HTTP transport replaced by an in-memory API) runs the reconciles of a whole job life:
+create, capacity check, a failed attempt and the next one, success, deletion after the TTL; the peering check reads
+both kinds of peering object. Every request is turned into the RBAC rule it needs. That set must equal the table
+``api.API_RBAC`` (+ the peering read), and the chart's rendered Roles/ClusterRoles must equal it plus kopf's needs
+(``handlers.required_rbac``) for each way the chart can be installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_factories import at, make_job, make_pod
+from test_chart import helm_bin, of_kind, render, rule_set  # noqa: F401 (helm_bin is a fixture)
+
+from finetune_operator import handlers
+from finetune_operator.api import API_RBAC, KubeApi, Rule, peering_rbac
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.peering import PeeringCheck
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import Settings, load_settings
+
+CORE = re.compile(r"^/api/v1/namespaces/[^/]+/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
+GROUPED = re.compile(r"^/apis/(?P<group>[^/]+)/[^/]+(?:/namespaces/[^/]+)?/(?P<plural>[^/]+)"
+                     r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
+# Resources only a ClusterRole can grant.
+CLUSTER_SCOPED = {"customresourcedefinitions", "clusterkopfpeerings"}
+
+
+def rule_of(method: str, path: str, params: Mapping[str, str] | None) -> Rule:
+    """The RBAC rule an API request needs, as the API server's authorizer derives it."""
+    match = CORE.match(path) or GROUPED.match(path)
+    assert match is not None, path
+    parts = match.groupdict()
+    group = parts.get("group") or ""
+    resource = parts["plural"] + (f"/{parts['sub']}" if parts.get("sub") else "")
+    named = parts.get("name") is not None
+    verb = {
+        "GET": "get" if named else ("watch" if (params or {}).get("watch") else "list"),
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if named else "deletecollection",
+    }[method]
+    return group, resource, verb
+
+
+def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+class InMemoryApi(KubeApi):
+    """KubeApi with its HTTP requests answered from dicts; records each request and each method called."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: pytest.fail("no connection is ever opened"))
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}  # (collection path, name) -> body
+        self.requests: list[tuple[str, str, Mapping[str, str] | None]] = []
+        self.methods: set[str] = set()
+        for name in public_methods():
+            self._record(name)
+
+    def _record(self, name: str) -> None:
+        method = getattr(self, name)
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.methods.add(name)
+            return await method(*args, **kwargs)
+
+        setattr(self, name, recorded)
+
+    def put(self, collection: str, body: dict[str, Any]) -> None:
+        self.objects[(collection, body["metadata"]["name"])] = copy.deepcopy(body)
+
+    def items(self, collection: str) -> dict[str, dict[str, Any]]:
+        return {name: body for (where, name), body in self.objects.items() if where == collection}
+
+    async def request(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        ok_statuses: Sequence[int] = (),
+    ) -> tuple[int, Any]:
+        self.requests.append((method, path, params))
+        match = CORE.match(path) or GROUPED.match(path)
+        assert match is not None, path
+        name, sub = match.group("name"), match.group("sub")
+        collection = path[: match.start("name") - 1] if name else path
+        status, answer = self._answer(method, collection, name, sub, params or {}, body)
+        assert status < 300 or status in ok_statuses, f"{method} {path}: {status}"
+        return status, answer
+
+    def _answer(self, method: str, collection: str, name: str | None, sub: str | None,
+                params: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        key = (collection, name or "")
+        if method == "GET" and name is None:
+            items = list(self.items(collection).values())
+            if "labelSelector" in params:
+                label, value = params["labelSelector"].split("=")
+                items = [i for i in items if (i["metadata"].get("labels") or {}).get(label) == value]
+            if "fieldSelector" in params:
+                fields = dict(term.split("=") for term in params["fieldSelector"].split(","))
+                items = [i for i in items if all(i.get("involvedObject", {}).get(f.split(".")[1]) == v
+                                                 for f, v in fields.items())]
+            return 200, {"items": copy.deepcopy(items)}
+        if method == "POST":
+            new = copy.deepcopy(body)
+            new["metadata"].setdefault("name", new["metadata"].get("generateName", "") + str(len(self.objects)))
+            if (collection, new["metadata"]["name"]) in self.objects:
+                return 409, {"message": "already exists"}
+            self.put(collection, new)
+            return 201, copy.deepcopy(new)
+        if key not in self.objects:
+            return 404, {"message": "not found"}
+        if method == "GET":
+            return 200, copy.deepcopy(self.objects[key])
+        if method == "PATCH":
+            return 200, copy.deepcopy(merge(self.objects[key], body))
+        if method == "DELETE":
+            del self.objects[key]
+            return 200, {}
+        raise AssertionError(f"unexpected {method} {collection}/{name}/{sub}")
+
+
+def public_methods() -> list[str]:
+    """The KubeApi requests the operator makes (transport, paths and lifecycle left out)."""
+    return [name for name, member in inspect.getmembers(KubeApi, inspect.iscoroutinefunction)
+            if not name.startswith("_") and name not in {"request", "close"}]
+
+
+JOBS = "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs"
+PODS = "/api/v1/namespaces/ns/pods"
+EVENTS = "/api/v1/namespaces/ns/events"
+
+
+def run_life_of_a_job() -> InMemoryApi:
+    api = InMemoryApi()
+    job = make_job(spec__distributed__nodes=2, spec__backoffLimit=3, spec__ttlSecondsAfterFinished=0,
+                   spec__restartBackoff={"initialSeconds": 0, "maxSeconds": 0})
+    api.put(JOBS, job)
+    clock = [0.0]
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=lambda: at(clock[0]))
+
+    def set_pod(attempt: int, rank: int, **kwargs: Any) -> None:
+        name = f"job-a{attempt}-n{rank}"
+        api.objects[(PODS, name)]["status"] = make_pod(rank, attempt, **kwargs)["status"]
+
+    async def step() -> None:
+        clock[0] += 1
+        # No body: the first pass reads the job (a reconcile triggered before the job's watch event).
+        await reconciler.reconcile("ns", "job")
+        stored = api.objects.get((JOBS, "job"))
+        if stored is not None:
+            reconciler.job_seen(stored)
+
+    async def life() -> None:
+        await step()  # the gang of attempt 0; its pods are unscheduled ...
+        assert sorted(api.items(PODS)) == ["job-a0-n0", "job-a0-n1"]
+        api.put(EVENTS, {"metadata": {"name": "e1"}, "involvedObject": {"kind": "Pod", "name": "job-a0-n0"},
+                         "reason": "FailedScheduling", "message": "0/3 nodes are available", "type": "Warning",
+                         "lastTimestamp": "2025-01-01T00:00:01Z"})
+        await step()  # ... so their events are read (WaitingForCapacity)
+        set_pod(0, 0, phase="Running", node="n1")
+        set_pod(0, 1, phase="Failed", node="n2", exit_code=1)
+        for _ in range(3):  # the failed attempt's pods go, attempt 1 gets its pods and a new config
+            await step()
+        assert sorted(api.items(PODS)) == ["job-a1-n0", "job-a1-n1"]
+        set_pod(1, 0, phase="Succeeded", node="n1", exit_code=0)
+        set_pod(1, 1, phase="Running", node="n2")
+        for _ in range(3):  # Succeeded, then deleted at once (ttlSecondsAfterFinished 0)
+            await step()
+        assert (JOBS, "job") not in api.objects
+        for namespaces in ((), ("team-a",)):
+            await PeeringCheck(api, "peering", namespaces, "me", 1)()
+        await reconciler.close()
+
+    asyncio.run(life())
+    return api
+
+
+def test_every_request_the_operator_makes_is_in_the_api_rbac_table_and_nothing_else() -> None:
+    api = run_life_of_a_job()
+    assert api.methods == set(public_methods()), "every KubeApi request is exercised by the life above"
+    used = {rule_of(method, path, params) for method, path, params in api.requests}
+    assert used == API_RBAC | peering_rbac(clusterwide=True) | peering_rbac(clusterwide=False)
+
+
+def test_rule_of_maps_requests_as_the_authorizer_does() -> None:
+    assert rule_of("GET", "/api/v1/namespaces/a/pods", {"labelSelector": "x=y"}) == ("", "pods", "list")
+    assert rule_of("GET", "/api/v1/namespaces/a/pods", {"watch": "1"}) == ("", "pods", "watch")
+    assert rule_of("PATCH", JOBS + "/j/status", None) == ("finetune.dev", "finetunejobs/status", "patch")
+    assert rule_of("GET", "/apis/kopf.dev/v1/clusterkopfpeerings/p", None) == (
+        "kopf.dev", "clusterkopfpeerings", "get")
+    assert rule_of("DELETE", JOBS + "/j", None) == ("finetune.dev", "finetunejobs", "delete")
+
+
+def test_kopf_rbac_covers_every_watched_resource() -> None:
+    registry = handlers.build_registry(Settings())
+    watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
+    assert watched == {("finetune.dev", "finetunejobs"), ("", "pods")}
+    for group, resource in watched:
+        assert {(group, resource, "list"), (group, resource, "watch")} <= handlers.KOPF_RBAC
+
+
+# (chart values, how the operator runs with them)
+INSTALLS: dict[str, list[str]] = {
+    "cluster scope, every namespace": [],
+    "cluster scope, every namespace, 3 replicas": ["--set", "replicaCount=3"],
+    "cluster scope, listed namespaces, 2 replicas": ["--set", "watchNamespaces={team-a}", "--set", "replicaCount=2"],
+    "namespace scope": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}"],
+    "namespace scope, 3 replicas": ["--set", "rbac.scope=namespace", "--set", "replicaCount=3"],
+}
+
+
+@pytest.mark.parametrize("install", sorted(INSTALLS))
+def test_the_chart_grants_exactly_what_the_operator_uses(helm_bin: Path, install: str) -> None:  # noqa: F811
+    docs = render(helm_bin, *INSTALLS[install])
+    (deployment,) = of_kind(docs, "Deployment")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = load_settings([], environ=env)
+    needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None)
+    namespaced = {rule for rule in needed if rule[1] not in CLUSTER_SCOPED}
+    if "namespace scope" in install:
+        roles = of_kind(docs, "Role")
+        assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(settings.namespaces)
+        for role in roles:
+            assert rule_set(role) == namespaced
+        (crds,) = of_kind(docs, "ClusterRole")
+        assert rule_set(crds) == needed - namespaced
+    else:
+        (cluster_role,) = of_kind(docs, "ClusterRole")
+        assert rule_set(cluster_role) == needed
