@@ -179,6 +179,9 @@ class LocalCluster:
             str(self.operator_health_port),
             "--bind-address",
             "127.0.0.1",
+            # Jobs here last seconds to minutes: read progress often so the status keeps up.
+            "--progress-seconds",
+            "2",
             *self.operator_args,
         ]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"}
