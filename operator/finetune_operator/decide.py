@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from finetune_operator import constants as c
 from finetune_operator.builders import build_config_map, build_service, build_worker_pod
-from finetune_operator.progress import ProgressSample, format_eta, format_summary
+from finetune_operator.progress import ProgressSample, format_eta, format_summary, sample_from_result
 from finetune_operator.spec import (
     FineTuneJob,
     InvalidSpecError,
@@ -520,8 +520,10 @@ def decide(
     if rank0 is not None and rank0.phase == "Succeeded":
         model_uri = _join_uri(spec.output.uri, c.MODEL_DIR)
         status.data["model"] = {"uri": model_uri, "export": spec.export}
-        if sample is not None:
-            _apply_progress(status, job_now, sample)
+        # The trainer's final summary (termination message) is authoritative; the last scrape may be older.
+        final = sample_from_result(rank0.termination_message) or sample
+        if final is not None:
+            _apply_progress(status, job_now, final)
         actions += _finish(status, views, spec.clean_pod_policy, succeeded=True,
                            reason=c.REASON_SUCCEEDED, message=f"Model written to {model_uri}")
         return done()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import deque
@@ -140,6 +141,36 @@ async def fetch_progress(
         return parse_metrics(text, observed_at=time.time() if now is None else now)
     except ValueError:
         return None
+
+
+def sample_from_result(message: str | None) -> ProgressSample | None:
+    """The final numbers from a succeeded rank-0 pod's termination message (the trainer's result summary, JSON).
+
+    After success the pod's metrics endpoint is gone, so this is how the last step, loss and eval loss reach the
+    status; anything that is not such a summary gives None.
+    """
+    if not message or not message.lstrip().startswith("{"):
+        return None
+    try:
+        result = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(result, dict) or not isinstance(result.get("steps"), int):
+        return None
+
+    def number(key: str) -> float | None:
+        value = result.get(key)
+        return _finite(float(value)) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    steps = int(result["steps"])
+    return ProgressSample(
+        step=steps,
+        total_steps=int(result["maxSteps"]) if isinstance(result.get("maxSteps"), int) else steps,
+        epoch=number("epoch"),
+        train_loss=number("trainLoss"),
+        eval_loss=number("evalLossAfter"),
+        best_eval_loss=number("bestEvalLoss"),
+    )
 
 
 def format_eta(seconds: int) -> str:

@@ -716,6 +716,24 @@ def test_success_keeps_progress_but_drops_the_eta() -> None:
                                            "summary": "490/500 (98%)"}
 
 
+def test_success_takes_the_final_numbers_from_the_trainer_summary() -> None:
+    job = running_job(status__progress={"step": 366, "totalSteps": 500, "percent": 73.2, "etaSeconds": 5,
+                                        "eta": "5s", "summary": "366/500 (73%)"})
+    summary = json.dumps({"steps": 500, "maxSteps": 500, "epoch": 2.5, "trainLoss": 0.42, "evalLossAfter": 0.51})
+    decision = run(job, [make_pod(0, 0, "Succeeded", exit_code=0, termination_message=summary)])
+    assert decision.status["progress"] == {"step": 500, "totalSteps": 500, "percent": 100.0, "epoch": 2.5,
+                                           "summary": "500/500 (100%)"}
+    assert decision.status["metrics"]["loss"] == 0.42
+    assert decision.status["metrics"]["evalLoss"] == 0.51
+
+
+@pytest.mark.parametrize("message", ["done", "{not json", '{"steps": "many"}', "[1, 2]"])
+def test_success_with_no_usable_summary_keeps_the_last_progress(message: str) -> None:
+    job = running_job(status__progress={"step": 490, "totalSteps": 500, "percent": 98.0, "summary": "490/500 (98%)"})
+    decision = run(job, [make_pod(0, 0, "Succeeded", exit_code=0, termination_message=message)])
+    assert decision.status["progress"]["step"] == 490
+
+
 def test_decide_does_not_modify_its_inputs() -> None:
     job = running_job()
     pods = [make_pod(0, 0, "Running"), make_pod(1, 0, "Failed", exit_code=1)]
