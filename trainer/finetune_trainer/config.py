@@ -173,6 +173,11 @@ class LocalPathsConfig:
     cacheDir: str = _help("Node-local model and data cache (shared by the ranks of a pod).", "/scratch/cache")
     workDir: str = _help("Node-local folder for checkpoints before upload and the export.", "/scratch/work")
 
+    @property
+    def result_summary_file(self) -> Path:
+        """Where rank 0 leaves the final numbers for the launcher's termination message."""
+        return Path(self.workDir) / "result-summary.json"
+
 
 @dataclass(frozen=True)
 class TrainerConfig:

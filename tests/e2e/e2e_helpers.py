@@ -1,0 +1,49 @@
+"""Helpers of the end-to-end tests: job manifests from the demo example, S3 listings, polling."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import yaml
+
+from localcluster.cluster import REPO, LocalCluster
+
+
+def make_job(name: str, **spec_overrides: Any) -> dict[str, Any]:
+    """examples/tiny-cpu.yaml renamed, with its output under the name and spec sections merged in."""
+    job: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    job["metadata"]["name"] = name
+    job["spec"]["output"]["uri"] = f"s3://finetune-output/{name}"
+    job["spec"]["restartBackoff"] = {"initialSeconds": 1, "maxSeconds": 5}
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(job["spec"].get(key), dict):
+            job["spec"][key] = {**job["spec"][key], **copy.deepcopy(value)}
+        else:
+            job["spec"][key] = copy.deepcopy(value)
+    return job
+
+
+def apply(cluster: LocalCluster, job: dict[str, Any]) -> str:
+    return cluster.kubectl("apply", "-f", "-", input=json.dumps(job))
+
+
+def s3_keys(cluster: LocalCluster, prefix: str, bucket: str = "finetune-output") -> list[str]:
+    paginator = cluster.s3.client().get_paginator("list_objects_v2")
+    return [o["Key"] for page in paginator.paginate(Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])]
+
+
+def read_json(cluster: LocalCluster, key: str, bucket: str = "finetune-output") -> Any:
+    return json.loads(cluster.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def wait_until(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

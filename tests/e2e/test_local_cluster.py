@@ -1,0 +1,254 @@
+"""End to end on the local cluster: the real operator, kubelet-run torchrun pods, real training, SeaweedFS, kubectl."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from e2e_helpers import apply, make_job, read_json, s3_keys, wait_until
+
+from localcluster.cluster import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+# Two CPU cores: one process per pod, so two pods fit the node at once.
+SMALL = {"cpu": "1", "memory": "3Gi"}
+
+
+def status(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = cluster.get_job(name).get("status", {})
+    return result
+
+
+def checkpoint_steps(cluster: LocalCluster, name: str) -> list[int]:
+    manifests = [k for k in s3_keys(cluster, f"{name}/checkpoints/") if k.endswith("/manifest.json")]
+    return sorted(int(k.split("/")[2].removeprefix("step-")) for k in manifests)
+
+
+def trainer_step(cluster: LocalCluster, pod_name: str) -> int | None:
+    """finetune_step from the pod's rank-0 metrics endpoint, or None while it is not serving yet."""
+    pods = [p for p in cluster.pods(pod_name.split("-a")[0]) if p["metadata"]["name"] == pod_name]
+    ip = pods[0].get("status", {}).get("podIP") if pods else None
+    if not ip:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{ip}:9400/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    steps = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("finetune_step{")]
+    return int(steps[0]) if steps and steps[0] > 0 else None
+
+
+def condition(job_status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in job_status.get("conditions", []) if c["type"] == kind), None)
+
+
+def test_two_nodes_zero2_train_to_success(cluster: LocalCluster) -> None:
+    name = "happy"
+    job = make_job(
+        name,
+        distributed={"nodes": 2, "procsPerNode": 1, "deepspeed": {"zeroStage": 2}},
+        resources=SMALL,
+        training={"maxSteps": 40},
+        checkpoint={"everySteps": 20, "keep": 2},
+    )
+    assert "created" in apply(cluster, job)
+
+    running = cluster.wait_for_job(name, phases={"Running", "Succeeded"}, timeout=300)
+    pods = sorted(p["metadata"]["name"] for p in cluster.pods(name))
+    assert pods == ["happy-a0-n0", "happy-a0-n1"], running.get("status")
+
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)
+    st = done["status"]
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 40
+    assert st["progress"]["percent"] == pytest.approx(100.0)
+    assert st["model"]["uri"] == f"s3://finetune-output/{name}/model/"
+    assert st.get("restarts", 0) == 0
+    assert st["metrics"]["loss"] > 0
+
+    keys = s3_keys(cluster, f"{name}/")
+    assert f"{name}/model/model.safetensors" in keys and f"{name}/model/config.json" in keys
+    assert checkpoint_steps(cluster, name) == [20, 40]
+    result = read_json(cluster, f"{name}/result.json")
+    assert result["evalLossAfter"] < result["evalLossBefore"], result
+
+    # kubectl works against the local cluster: get (printer columns), describe (events), logs, wait.
+    table = cluster.kubectl("get", "ftj", name)
+    assert "Succeeded" in table and "40/40" in table
+    described = cluster.kubectl("describe", "ftj", name)
+    assert "Succeeded" in described and "Events:" in described
+    assert cluster.kubectl("wait", f"ftj/{name}", "--for=jsonpath={.status.phase}=Succeeded", "--timeout=5s")
+    assert cluster.pod_log(f"{name}-a0-n0").strip()
+
+    if cluster.prometheus is not None:
+        # The pods are gone by now, so their series are stale: ask for the last value seen in the window.
+        query = f'last_over_time(finetune_train_loss{{job_name="{name}", rank="0"}}[15m])'
+        series = wait_until(
+            lambda: cluster.prometheus and cluster.prometheus.query(query),
+            timeout=30,
+            what="the trainer's loss series in Prometheus",
+        )
+        assert float(series[0]["value"][1]) > 0
+
+
+def test_killed_process_restarts_the_gang_and_resumes(cluster: LocalCluster) -> None:
+    name = "crash"
+    job = make_job(
+        name,
+        distributed={"nodes": 2, "procsPerNode": 1},
+        resources=SMALL,
+        training={"maxSteps": 60},
+        checkpoint={"everySteps": 10, "keep": 2},
+    )
+    apply(cluster, job)
+    wait_until(lambda: checkpoint_steps(cluster, name), timeout=400, what="a first complete checkpoint")
+    saved = max(checkpoint_steps(cluster, name))
+    cluster.kubelet.kill_container("default", f"{name}-a0-n1", signal.SIGKILL)  # type: ignore[union-attr]
+    killed_at = time.monotonic()
+
+    wait_until(
+        lambda: status(cluster, name).get("phase") == "Restarting" or status(cluster, name).get("restarts"),
+        timeout=60,
+        what="the gang restart",
+    )
+    # The first step after the resume, read from the new rank-0 pod's own metrics endpoint.
+    resumed_step = wait_until(
+        lambda: (step := trainer_step(cluster, f"{name}-a1-n0")) is not None and step > saved and step,
+        timeout=300,
+        poll=0.2,
+        what="training again after the restart",
+    )
+    seconds_to_resume = time.monotonic() - killed_at
+    # At most one checkpoint interval (10 steps) was lost: the new attempt started from the checkpoint.
+    assert saved < resumed_step <= saved + 10 + 5
+    print(f"\nkill -> first step after resume: {seconds_to_resume:.1f} s (checkpoint at step {saved})")
+
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
+    assert done["restarts"] == 1
+    assert done["progress"]["step"] == 60
+    assert read_json(cluster, f"{name}/result.json")["steps"] == 60
+    names = {p["metadata"]["name"] for p in cluster.pods(name)}
+    assert not any(n.startswith(f"{name}-a0-") for n in names) or names == set(), names
+
+
+def test_deleted_pod_writes_an_emergency_checkpoint_and_loses_no_step(cluster: LocalCluster) -> None:
+    name = "preempt"
+    # No periodic checkpoint before step 50: the only checkpoint mid-run is the emergency one.
+    job = make_job(
+        name, resources=SMALL, training={"maxSteps": 60}, checkpoint={"everySteps": 50, "keep": 3}, backoffLimit=0
+    )
+    apply(cluster, job)
+    wait_until(
+        lambda: status(cluster, name).get("progress", {}).get("step", 0) >= 5,
+        timeout=400,
+        what="training to run",
+        poll=0.25,
+    )
+    before = status(cluster, name)["progress"]["step"]
+    cluster.kubectl("delete", "pod", f"{name}-a0-n0", "--wait=false")
+
+    emergency = wait_until(
+        lambda: [s for s in checkpoint_steps(cluster, name) if s < 50], timeout=120, what="the emergency checkpoint"
+    )
+    assert emergency[0] >= before
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
+    # backoffLimit 0: had the preemption counted, the job would have failed.
+    assert done["restarts"] == 1
+    assert done.get("countedFailures", 0) == 0
+    assert done["progress"]["step"] == 60
+
+
+def test_operator_restarted_mid_job_continues_without_duplicate_pods(cluster: LocalCluster) -> None:
+    name = "opcrash"
+    apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 30}))
+    cluster.wait_for_job(name, phases={"Running", "Succeeded"}, timeout=300)
+    cluster.stop_operator(kill=True)
+    time.sleep(3)
+    cluster.start_operator()
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
+    assert done.get("restarts", 0) == 0
+    assert [p["metadata"]["name"] for p in cluster.pods(name)] in ([f"{name}-a0-n0"], [])
+
+
+def test_job_survives_storage_outage(cluster: LocalCluster) -> None:
+    name = "s3outage"
+    apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 40}, checkpoint={"everySteps": 10}))
+    wait_until(
+        lambda: status(cluster, name).get("progress", {}).get("step", 0) >= 3,
+        timeout=400,
+        what="training to run",
+        poll=0.25,
+    )
+    cluster.s3.stop()
+    try:
+        time.sleep(10)
+    finally:
+        cluster.s3.start()
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
+    assert done["progress"]["step"] == 40
+    assert f"{name}/model/model.safetensors" in s3_keys(cluster, f"{name}/model/")
+    assert checkpoint_steps(cluster, name)[-1] == 40
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"training": {"learningRate": 0}}, "spec.training.learningRate", "greater than 0"),
+        ({"training": {"epochs": 1}}, "spec.training", "exactly one of training.epochs and training.maxSteps"),
+        ({"distributed": {"deepspeed": {"zeroStage": 5}}}, "spec.distributed.deepspeed.zeroStage", "3"),
+        ({"env": [{"name": "PET_NODE_RANK", "value": "3"}]}, "spec.env[0].name", "reserved"),
+        ({"model": {"uri": "https://huggingface.co/gpt2"}}, "spec.model.uri", "should match"),
+    ],
+)
+def test_bad_job_is_rejected_by_kubectl(
+    cluster: LocalCluster, overrides: dict[str, Any], field: str, words: str
+) -> None:
+    job = make_job("rejected", **overrides)
+    out = cluster.kubectl("apply", "-f", "-", input=json.dumps(job), check=False)
+    assert "is invalid" in out and field in out and words in out, out
+    assert "rejected" not in cluster.kubectl("get", "ftj", "-o", "name")
+
+
+def test_spec_only_the_operator_can_check_fails_with_invalid_spec(cluster: LocalCluster) -> None:
+    name = "overlap"
+    # Output inside the model's prefix: the schema accepts each URI alone; the operator rejects the pair.
+    apply(cluster, make_job(name, output={"uri": "s3://models/tiny-gpt2/finetuned"}))
+    failed = cluster.wait_for_job(name, phases={"Failed"}, timeout=60)["status"]
+    invalid = condition(failed, "InvalidSpec")
+    assert invalid is not None and invalid["status"] == "True", failed
+    assert "spec.output.uri" in invalid["message"]
+    assert cluster.pods(name) == []
+
+
+def test_more_gpus_than_the_node_has_waits_then_fails(cluster: LocalCluster) -> None:
+    name = "toobig"
+    apply(
+        cluster,
+        make_job(
+            name,
+            resources={"gpus": 4, "cpu": "1", "memory": "1Gi"},
+            distributed={"procsPerNode": 4},
+            capacityTimeoutSeconds=8,
+        ),
+    )
+    waiting = wait_until(
+        lambda: condition(status(cluster, name), "WaitingForCapacity"), timeout=60, what="WaitingForCapacity"
+    )
+    assert waiting["status"] == "True" and "Insufficient nvidia.com/gpu" in waiting["message"]
+    failed = cluster.wait_for_job(name, phases={"Failed"}, timeout=60)["status"]
+    assert condition(failed, "Failed")["reason"] == "CapacityTimeout"  # type: ignore[index]
+    assert cluster.pods(name) == [] or all(p["status"].get("phase") == "Pending" for p in cluster.pods(name))
+
+
+def test_deleting_a_job_removes_its_children(cluster: LocalCluster) -> None:
+    name = "deleted"
+    apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 1000}))
+    wait_until(lambda: cluster.pods(name), timeout=60, what="pods")
+    cluster.kubectl("delete", "ftj", name, "--wait=true", timeout=120)
+    wait_until(lambda: cluster.pods(name) == [], timeout=120, what="pods gone")
+    assert name not in cluster.kubectl("get", "configmaps,services", "-o", "name")
