@@ -10,8 +10,8 @@ Saving (``CheckpointCallback``): every ``checkpoint.everySteps`` steps and/or ``
 sets ``control.should_save``; HF and DeepSpeed write the checkpoint on every rank (each rank its own ZeRO shard and
 RNG state, on its own node's disk). Then each node's local rank 0 uploads, in a background thread while training
 goes on, the files its node wrote (a file several nodes wrote is uploaded by the lowest node only). At step
-boundaries the ranks agree, in one tiny all_reduce on a gloo group (shared with the SIGTERM and time checks, and
-overlapped with the next step: its result is used one step later), on whether every node's upload has ended;
+boundaries the ranks agree, in one tiny all_reduce on a gloo group (shared with the SIGTERM and time checks; run at
+the steps the ranks agreed on, about every ``CONTROL_INTERVAL_S``), on whether every node's upload has ended;
 then the nodes' file lists are all_gathered and global rank 0 writes the manifest and applies retention. At most
 one checkpoint is in flight: a save due while the previous upload still runs waits for it. An upload that fails
 after its retries leaves the checkpoint incomplete; training goes on.
@@ -31,10 +31,11 @@ checkpoint: training starts fresh.
 SIGTERM (``Preemption``): before training starts the handler raises ``Preempted`` (nothing to save yet). Once
 training runs it only sets a flag: the step in progress (forward, backward, optimizer step, and any evaluation or
 save that step triggers) finishes normally, because a rank interrupted inside a collective would hang the others.
-At the next step boundary but one the ranks agree (all_reduce MAX, so a SIGTERM on any rank counts) to save now; the
-emergency checkpoint is uploaded synchronously, within ``checkpoint.gracePeriodSeconds`` of the agreement minus
-a safety margin, and training stops; the trainer then exits with PREEMPTED. A SIGTERM arriving after the last step
-lets the export finish.
+At the next flag exchange (a step boundary within about ``CONTROL_INTERVAL_S``) the ranks agree (all_reduce MAX,
+so a SIGTERM on any rank counts) to save now; the emergency checkpoint is uploaded synchronously, within
+``checkpoint.gracePeriodSeconds`` of the SIGTERM minus a safety margin, and training stops; the trainer then exits
+with PREEMPTED (also when the upload could not finish in time: the reason then names the newest complete one).
+A SIGTERM arriving after the last step lets the export finish.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ BACKGROUND_UPLOAD_BUDGET_S = 600.0
 RETRY_PAUSE_S = (1.0, 2.0, 4.0, 8.0)
 HASH_CHUNK = 8 * 1024 * 1024
 UPLOAD_NICENESS = 10
+# How often (in wall time) the ranks exchange their control flags; and the most steps between two exchanges.
+CONTROL_INTERVAL_S = 0.5
+MAX_EXCHANGE_INTERVAL = 32
 
 
 class Preempted(BaseException):
@@ -217,16 +221,6 @@ def assign_uploads(listings: list[list[str] | None]) -> list[list[str]]:
 
 
 @dataclass
-class PendingReduce:
-    tensor: torch.Tensor
-    work: Any
-
-    def wait(self) -> list[int]:
-        self.work.wait()
-        return [int(v) for v in self.tensor.tolist()]
-
-
-@dataclass
 class DistContext:
     """This rank's place in the gang (torchrun's environment) and a gloo group for small control messages."""
 
@@ -273,11 +267,6 @@ class DistContext:
         tensor = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in tensor.tolist()]
-
-    def start_all_reduce_max(self, values: list[int]) -> PendingReduce:
-        tensor = torch.tensor(values, dtype=torch.int64)
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return PendingReduce(tensor, work)
 
     def all_gather(self, value: Any) -> list[Any]:
         if not self.distributed:
@@ -407,20 +396,11 @@ class NodeUpload:
 
 @dataclass(frozen=True)
 class Flags:
-    """What the ranks agree on at a step end; ``pending_step`` and ``saves`` are this rank's context, not shared."""
+    """What the ranks agree on at an exchange: any SIGTERM, a time-based save due, any upload still running."""
 
     preempt: bool
     time_due: bool
     busy: bool
-    pending_step: int | None
-    saves: int
-
-    def values(self) -> list[int]:
-        return [int(self.preempt), int(self.time_due), int(self.busy)]
-
-    def combined(self, maxima: list[int]) -> Flags:
-        preempt, time_due, busy = (bool(v) for v in maxima)
-        return Flags(preempt, time_due, busy, self.pending_step, self.saves)
 
 
 @dataclass
@@ -460,12 +440,16 @@ class CheckpointCallback(TrainerCallback):
         self.pending: Pending | None = None
         self.preempted = False
         self.preempt_deadline: float | None = None
+        self.emergency_step: int | None = None
+        # Rank 0 only: the step whose manifest could not be written (the gathered uploads had succeeded).
+        self.commit_failed_step: int | None = None
         self.last_complete_step: int | None = max(self.complete) if self.complete else None
         self._eval_losses: dict[int, float] = {}
         self._last_save = time.monotonic()
         self._commit: threading.Thread | None = None
-        self._saves = 0
-        self._in_flight: tuple[PendingReduce, Flags] | None = None
+        self._next_exchange = 0
+        self._last_exchange_step = 0
+        self._last_exchange_time = time.monotonic()
         self._every_steps = config.checkpoint.everySteps
         minutes = config.checkpoint.effective_every_minutes
         self._every_seconds = None if minutes is None else minutes * 60.0
@@ -476,6 +460,8 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._last_save = time.monotonic()
+        self._last_exchange_step, self._last_exchange_time = state.global_step, time.monotonic()
+        self._next_exchange = state.global_step + 1
         self.preemption.armed = True
         if self.metrics is not None and self.last_complete_step is not None:
             self.metrics.last_checkpoint_step.set(self.last_complete_step)
@@ -487,8 +473,12 @@ class CheckpointCallback(TrainerCallback):
             shutil.rmtree(self.resumed_dir, ignore_errors=True)
         self.resumed_dir = None
         step = state.global_step
-        flags = self._agree()
-        if self.pending is not None and flags.pending_step == self.pending.step and not flags.busy:
+        if self._every_steps is not None and step % self._every_steps == 0:
+            control.should_save = True
+        if step < self._next_exchange:
+            return
+        flags = self._exchange(step)
+        if self.pending is not None and not flags.busy:
             self._finish_pending()
         if flags.preempt:
             self.preempted = True
@@ -502,38 +492,33 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True
-            return
-        # A time-due flag raised before the latest save is already served by it.
-        time_due = flags.time_due and flags.saves == self._saves
-        if (self._every_steps is not None and step % self._every_steps == 0) or time_due:
+        elif flags.time_due:
             control.should_save = True
 
-    def _agree(self) -> Flags:
-        """The gang's flags, combined with MAX over the ranks (collective).
+    def _exchange(self, step: int) -> Flags:
+        """Combine every rank's flags with MAX (collective) and agree on the step of the next exchange.
 
-        Distributed, the all_reduce is started here and its result used at the next step end, so its latency
-        overlaps a training step instead of adding to it: decisions come one step late, identically on every rank.
+        Exchanging at every step would cost a round trip per step, a few percent of a short step; instead each rank
+        proposes an interval of about ``CONTROL_INTERVAL_S`` worth of its recent steps and the largest wins, so all
+        ranks exchange at the same steps while SIGTERM, time-based saves and finished uploads are noticed within
+        about that long (at every step once steps take longer than that).
         """
+        now = time.monotonic()
+        steps_since = max(step - self._last_exchange_step, 1)
+        step_seconds = (now - self._last_exchange_time) / steps_since
+        proposed = min(MAX_EXCHANGE_INTERVAL, max(1, int(CONTROL_INTERVAL_S / max(step_seconds, 1e-6))))
         pending = self.pending
-        local = Flags(
-            preempt=self.preemption.requested,
-            time_due=self._every_seconds is not None and time.monotonic() - self._last_save >= self._every_seconds,
-            busy=pending is not None and pending.upload is not None and pending.upload.running,
-            pending_step=pending.step if pending is not None else None,
-            saves=self._saves,
+        preempt, time_due, busy, interval = self.ctx.all_reduce_max(
+            [
+                int(self.preemption.requested),
+                int(self._every_seconds is not None and now - self._last_save >= self._every_seconds),
+                int(pending is not None and pending.upload is not None and pending.upload.running),
+                proposed,
+            ]
         )
-        if not self.ctx.distributed:
-            return local
-        previous, self._in_flight = self._in_flight, (self.ctx.start_all_reduce_max(local.values()), local)
-        if previous is None:
-            return Flags(preempt=False, time_due=False, busy=True, pending_step=None, saves=self._saves)
-        return previous[1].combined(previous[0].wait())
-
-    def _settle_flags(self) -> None:
-        """Wait for the all_reduce in flight so no collective outlives training."""
-        if self._in_flight is not None:
-            self._in_flight[0].wait()
-            self._in_flight = None
+        self._last_exchange_step, self._last_exchange_time = step, now
+        self._next_exchange = step + interval
+        return Flags(preempt=bool(preempt), time_due=bool(time_due), busy=bool(busy))
 
     def on_evaluate(
         self,
@@ -552,7 +537,6 @@ class CheckpointCallback(TrainerCallback):
         # At most one checkpoint in flight: the previous one completes (or fails) first.
         self._drain(deadline)
         self._last_save = time.monotonic()
-        self._saves += 1
         local_dir = local_checkpoint_dir(str(args.output_dir), step)
         # Other ranks may still be writing their RNG state into the folder.
         self.ctx.barrier()
@@ -579,6 +563,7 @@ class CheckpointCallback(TrainerCallback):
         eval_loss = self._eval_losses.get(step)
         self.pending = Pending(step, eval_loss, tokens_seen, local_dir, upload)
         if self.preempted:
+            self.emergency_step = step
             self._drain(deadline)
             self.wait_for_commit(deadline)
             self.ctx.barrier()
@@ -586,8 +571,13 @@ class CheckpointCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._settle_flags()
         self.finish()
+
+    @property
+    def emergency_checkpoint_complete(self) -> bool:
+        """Whether the SIGTERM checkpoint was uploaded (on rank 0: and its manifest written)."""
+        step = self.emergency_step
+        return step is not None and self.last_complete_step == step and self.commit_failed_step != step
 
     # the protocol ---------------------------------------------------------------------------------------------
 
@@ -667,6 +657,7 @@ class CheckpointCallback(TrainerCallback):
             )
         except Exception as exc:  # the checkpoint stays incomplete; training goes on
             log.error("checkpoint at step %d: manifest not written: %s", manifest.step, exc)
+            self.commit_failed_step = manifest.step
             return
         log.info("checkpoint at step %d is complete (%d files)", manifest.step, len(manifest.files))
         self.complete[manifest.step] = manifest.evalLoss

@@ -112,7 +112,7 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, out_dir: Path, tokeni
 
     # Under ZeRO-3 HF would partition this load across the ranks (a collective only rank 0 is in); training is
     # over, so the plain CPU load is what is wanted.
-    unset_hf_deepspeed_config()
+    unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype="auto")
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)

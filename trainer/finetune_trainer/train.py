@@ -39,6 +39,7 @@ Features:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -337,10 +338,28 @@ def init_distributed(ctx: DistContext, cuda: bool) -> None:
         dist.init_process_group(backend=backend)
     import deepspeed
 
+    skip_shm_comm_op()
     # DeepSpeed's own comm layer wraps the group now: ZeRO-3 partitions weights while loading the model, before
     # HF Trainer would initialise it (and a DeepSpeed config built without it assumes a world of one).
     deepspeed.init_distributed(dist_backend=backend)
     ctx.open_control_group()
+
+
+def skip_shm_comm_op() -> None:
+    """Keep ``deepspeed.init_distributed`` from JIT-building DeepSpeed's CPU shared-memory all-reduce op.
+
+    On the CPU accelerator DeepSpeed's ``TorchBackend`` runs ninja over ``deepspeed_shm_comm`` in
+    ``~/.cache/torch_extensions`` on every start, and g++ rebuilds it (25-75 s) on a cold cache and whenever a
+    different ninja built it last (ninja 1.11 and 1.13 hash build-log commands differently, so each sees the
+    other's build as stale: the pods' venv ninja and a system ninja took turns). Training never uses the op: it
+    only serves ``inference_all_reduce`` (DeepSpeed inference), and only when DeepSpeed's own launcher sets
+    LOCAL_SIZE to the world size; without it that call falls back to ``torch.distributed``. On GPUs DeepSpeed has
+    no such op and this changes nothing.
+    """
+    # By its full name: ``from deepspeed.comm import torch`` is the real torch, which deepspeed.comm re-exports.
+    ds_torch: Any = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
 
 
 def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> RunOutcome:
@@ -352,6 +371,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     from finetune_trainer.storage import open_store, pull_model
 
     started = time.time()
+    storage = None
     ctx = DistContext.from_env()
     configure_logging(ctx.rank)
     cuda = torch.cuda.is_available()
@@ -360,7 +380,14 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     metrics = TrainerMetrics(ctx.rank, config.job.name, config.job.namespace)
     endpoint = metrics.serve(config.metrics.port + ctx.local_rank)
     if ctx.rank == 0:
-        log.info("metrics at %s", endpoint)
+        log.info(
+            "%d ranks (%d per node), %d CPU threads per rank (OMP_NUM_THREADS=%s), metrics at %s",
+            ctx.world_size,
+            ctx.local_world_size,
+            torch.get_num_threads(),
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+            endpoint,
+        )
         if config.metrics.pushgateway:
             metrics.enable_push(
                 config.metrics.pushgateway,
@@ -435,10 +462,15 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         train_seconds = time.time() - train_started
         preemption.armed = False
         if checkpoint_callback.preempted:
-            return RunOutcome(
-                exit_codes.PREEMPTED,
-                f"preempted: emergency checkpoint at step {checkpoint_callback.last_complete_step}",
-            )
+            cb = checkpoint_callback
+            if cb.emergency_checkpoint_complete:
+                reason = f"preempted: emergency checkpoint at step {cb.emergency_step}"
+            else:
+                reason = (
+                    f"preempted at step {cb.emergency_step}: the emergency checkpoint could not be completed in the "
+                    f"grace period; the newest complete one is step {cb.last_complete_step}"
+                )
+            return RunOutcome(exit_codes.PREEMPTED, reason)
         final_eval = export.final_evaluation(trainer)
         tokens_seen = export.total_tokens(ctx, counter)
         export.export_model(config, trainer, tokenizer, model_dir, storage, ctx)
@@ -464,6 +496,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     finally:
         preemption.uninstall()
         metrics.close()
+        if storage is not None:
+            storage.close()
 
 
 def load_model(config: TrainerConfig, model_dir: Path, precision: str) -> PreTrainedModel:
