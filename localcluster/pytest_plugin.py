@@ -1,4 +1,4 @@
-"""Pytest fixtures for the local servers (SeaweedFS S3, ...); registered by tests/conftest.py."""
+"""Pytest fixtures for the local servers (SeaweedFS S3, the whole local cluster); registered by tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from localcluster.cluster import LocalCluster
 from localcluster.seaweedfs import SeaweedFS
 
 
@@ -24,3 +25,11 @@ def s3_bucket(seaweedfs: SeaweedFS) -> str:
     if not seaweedfs.running:
         seaweedfs.start()
     return seaweedfs.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The whole local cluster (API server, kubelet, SeaweedFS, Prometheus when installed, the real operator),
+    one per test module; the operator resyncs every second so tests see transitions quickly."""
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), operator_args=["--resync-seconds", "1"]) as cluster:
+        yield cluster

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,13 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Iterator[LocalCluster]:
-    work_dir = tmp_path_factory.mktemp("cluster")
-    with LocalCluster(work_dir, operator_args=["--resync-seconds", "1"]) as local:
-        client = local.s3.client()
-        for bucket in ("models", "datasets", "finetune-output"):
-            local.s3.create_bucket(bucket)
-        for path in base_model.iterdir():
-            if path.is_file():
-                client.upload_file(str(path), "models", f"tiny-gpt2/{path.name}")
-        client.upload_file(str(DATASET), "datasets", "customer-support/customer-support.jsonl")
-        yield local
+def cluster(local_cluster: LocalCluster, base_model: Path) -> LocalCluster:
+    """The local cluster with the base model in s3://models/tiny-gpt2/ and the chat data in s3://datasets/."""
+    client = local_cluster.s3.client()
+    for bucket in ("models", "datasets", "finetune-output"):
+        local_cluster.s3.create_bucket(bucket)
+    for path in base_model.iterdir():
+        if path.is_file():
+            client.upload_file(str(path), "models", f"tiny-gpt2/{path.name}")
+    client.upload_file(str(DATASET), "datasets", "customer-support/customer-support.jsonl")
+    return local_cluster

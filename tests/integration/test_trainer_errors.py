@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from trainer_helpers import TrainerSetup, make_setup
+from trainer_helpers import TrainerSetup
 
 from finetune_trainer import exit_codes
-from localcluster.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def setup(
-    seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TrainerSetup]:
-    prepared = make_setup(seaweedfs, s3_bucket, tmp_path, tmp_path_factory)
-    yield prepared
-    prepared.close()
 
 
 def test_bad_config_exits_invalid_naming_the_field(setup: TrainerSetup) -> None:

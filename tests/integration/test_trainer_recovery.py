@@ -6,11 +6,9 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from trainer_helpers import TrainerSetup, make_setup, wait_until, worker_pids
+from trainer_helpers import TrainerSetup, wait_until, worker_pids
 
 from finetune_trainer import exit_codes
 from localcluster.seaweedfs import SeaweedFS
@@ -19,15 +17,6 @@ pytestmark = pytest.mark.integration
 
 # Enough steps that a checkpoint completes well before the end; small checkpoints keep each upload short.
 LONG_RUN = {"maxSteps": 60, "gradientAccumulationSteps": 2, "evalEvery": 20}
-
-
-@pytest.fixture
-def setup(
-    seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TrainerSetup]:
-    prepared = make_setup(seaweedfs, s3_bucket, tmp_path, tmp_path_factory)
-    yield prepared
-    prepared.close()
 
 
 def test_killed_rank_then_relaunch_resumes_from_the_newest_complete_checkpoint(setup: TrainerSetup) -> None:

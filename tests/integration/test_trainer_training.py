@@ -12,7 +12,6 @@ from trainer_helpers import (
     TrainerSetup,
     free_metrics_port,
     free_port,
-    make_setup,
     metric_value,
     scrape,
     tiny_assets,
@@ -21,18 +20,8 @@ from trainer_helpers import (
 from finetune_trainer import exit_codes
 from finetune_trainer.metrics import bind_address
 from localcluster.prometheus import Pushgateway, pushgateway_available
-from localcluster.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def setup(
-    seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TrainerSetup]:
-    prepared = make_setup(seaweedfs, s3_bucket, tmp_path, tmp_path_factory)
-    yield prepared
-    prepared.close()
 
 
 def load_and_generate(model_dir: Path) -> str:
