@@ -37,7 +37,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 WARMUP_STEPS = 20
-REPEATS = 3
+REPEATS = 5
 NPROC = 2
 BATCH = 8
 
@@ -325,12 +325,16 @@ def run_p1(root: Path, uris: dict[str, str], env: dict[str, str]) -> None:
     from localcluster.seaweedfs import free_ports
 
     pairs: list[tuple[float, float, float, float]] = []
+    rates: dict[str, tuple[float, float]] = {}
     for repeat in range(REPEATS):
         port = free_ports(1)[0]
         ours_cfg = write_config(root, f"p1-ours-{repeat}", uris, port)
         plain_cfg = write_config(root, f"p1-plain-{repeat}", uris, port)
-        ours = window_rate(launch("ours", ours_cfg, root / f"p1-ours-{repeat}.probe", env))
-        plain = window_rate(launch("plain", plain_cfg, root / f"p1-plain-{repeat}.probe", env))
+        # Which goes first alternates, so a drift in the machine's load does not favour one side.
+        for mode in ("ours", "plain") if repeat % 2 == 0 else ("plain", "ours"):
+            config = ours_cfg if mode == "ours" else plain_cfg
+            rates[mode] = window_rate(launch(mode, config, root / f"p1-{mode}-{repeat}.probe", env))
+        ours, plain = rates["ours"], rates["plain"]
         pairs.append((ours[0], plain[0], ours[1], ours[1] * plain[0] / ours[0]))
         print(f"  P1 run {repeat + 1}: ours {ours[0]:.2f} steps/s, plain {plain[0]:.2f} steps/s", flush=True)
     ratios = [o / p for o, p, _, _ in pairs]
