@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -288,10 +288,3 @@ class LocalCluster:
 
     def pod_log(self, name: str, namespace: str = NAMESPACE) -> str:
         return self.kubectl("logs", name, "-n", namespace, check=False)
-
-
-@contextlib.contextmanager
-def local_cluster(work_dir: Path, **kwargs: Any) -> Iterator[LocalCluster]:
-    """``LocalCluster`` as a context manager function."""
-    with LocalCluster(work_dir, **kwargs) as cluster:
-        yield cluster
