@@ -31,6 +31,7 @@ from typing import Any
 
 from localcluster.apiserver import APIServer, running_apiserver, write_kubeconfig
 from localcluster.kubelet import Kubelet
+from localcluster.processes import log_tail, stop_process_group
 from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
 from localcluster.seaweedfs import SeaweedFS, free_ports
 
@@ -210,22 +211,11 @@ class LocalCluster:
     def stop_operator(self, *, kill: bool = False) -> None:
         """Stop the operator (SIGTERM, or SIGKILL with ``kill=True`` to simulate a crash)."""
         process, self.operator = self.operator, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None:
+            stop_process_group(process, 20, signal.SIGKILL if kill else signal.SIGTERM)
 
     def operator_log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.operator_log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no operator log)"
+        return log_tail(self.operator_log, lines)
 
     # --- helpers for people and tests ----------------------------------------------------------------------
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -15,7 +13,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
+
+from localcluster.processes import log_tail, stop_process_group
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -116,21 +116,20 @@ class _LocalServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None:
+            stop_process_group(process, STOP_TIMEOUT_S)
 
     def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return f"--- {self.log_path.name} (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 class Prometheus(_LocalServer):
@@ -244,14 +243,6 @@ class Prometheus(_LocalServer):
         targets: list[dict[str, Any]] = data.get("activeTargets") or []
         return targets
 
-    def __enter__(self) -> Prometheus:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class Pushgateway(_LocalServer):
@@ -265,18 +256,4 @@ class Pushgateway(_LocalServer):
             raise PrometheusError("the Pushgateway is not installed (Debian: apt-get install prometheus-pushgateway)")
         return [binary, f"--web.listen-address={self.address}", "--log.level=warn"]
 
-    def __enter__(self) -> Pushgateway:
-        self.start()
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -7,7 +7,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from localcluster.processes import log_tail, stop_process_group
 
 REGION = "us-east-1"
 START_TIMEOUT_S = 60.0
@@ -182,15 +183,8 @@ class SeaweedFS:
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after STOP_TIMEOUT_S; ports and data stay for a restart."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            _signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
+        if process is not None:
+            stop_process_group(process, STOP_TIMEOUT_S)
 
     def restart(self) -> None:
         self.stop()
@@ -297,15 +291,5 @@ class SeaweedFS:
         )
 
     def _log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "--- weed.log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
