@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from finetune_operator.api import ApiError
+from finetune_operator.spec import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,6 @@ class PeeringReader(Protocol):
     async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None: ...
 
 
-def _parse_time(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
-
-
 def peers_let_us_work(
     status: Mapping[str, Any], identity: str, priority: int, now: datetime.datetime
 ) -> bool:
@@ -41,7 +32,7 @@ def peers_let_us_work(
     for peer, info in status.items():
         if peer == identity or not isinstance(info, Mapping):
             continue
-        lastseen = _parse_time(info.get("lastseen"))
+        lastseen = parse_time(info.get("lastseen"))
         lifetime = datetime.timedelta(seconds=int(info.get("lifetime", DEFAULT_PEER_LIFETIME_SECONDS)))
         alive = lastseen is None or lastseen + lifetime > now
         if alive and int(info.get("priority", 0)) >= priority:
