@@ -172,6 +172,38 @@ def test_an_interrupted_pull_resumes_with_only_the_missing_ranges(
     assert not journal_path.exists()
 
 
+def test_a_resumed_range_corrupted_on_disk_is_caught_and_the_object_downloaded_again(
+    seaweedfs: SeaweedFS, s3_bucket: str, s3_env: StorageConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = f"s3://{s3_bucket}/models/tiny"
+    weights = tmp_path / "model.safetensors"
+    digest = random_file(weights, 24 * MiB)
+    seaweedfs.client().upload_file(str(weights), s3_bucket, "models/tiny/model.safetensors")  # CRC32, 8 MiB parts
+    transfer = TransferSettings(concurrency=1, min_range_size=8 * MiB, max_range_size=8 * MiB)
+    received = [0]
+
+    def crash_after_10_mib(direction: str, n: int) -> None:
+        received[0] += n
+        if received[0] > 10 * MiB:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=crash_after_10_mib, transfer=transfer)
+    (partial,) = (tmp_path / "cache" / "models").glob("*/model.safetensors.partial")
+    assert json.loads(partial.with_name(partial.name + ".json").read_text())["done"] == [0]
+    with partial.open("r+b") as handle:  # the journaled first range rots on disk
+        handle.seek(12345)
+        handle.write(b"\xff" if handle.read(1) != b"\xff" else b"\x00")
+    moved, hook = counter()
+
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.storage"):
+        folder = pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=hook, transfer=transfer)
+
+    assert "does not match its CRC32 checksum" in caplog.text and "downloading it again" in caplog.text
+    assert moved == {"download": 16 * MiB + 24 * MiB}  # the two missing ranges, then the whole object again
+    assert sha256_of(folder / "model.safetensors") == digest
+
+
 RANK_SCRIPT = """
 import json, sys
 from finetune_trainer.config import StorageConfig

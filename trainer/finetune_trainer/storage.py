@@ -34,8 +34,13 @@ Downloads (``download_file``)
     Composite values (``...-N``) are checked part by part: the part size is read with ``HeadObject(PartNumber=1)``
     and the parts are assumed equal but the last (what every SDK uploader does); when that does not add up, or the
     server has no checksum and no MD5 ETag, only the size is checked (logged). CRC32C and CRC64NVME checksums need
-    a native library and are not used. The digest is computed by one thread reading the file back from the page
-    cache in order, as soon as a contiguous prefix has arrived, so it overlaps the download. A mismatch discards
+    a native library and are not used. Where the value can be assembled from pieces, each range is hashed by the
+    thread that downloads it, as its bytes arrive, and the pieces are combined at the end: a composite value when
+    the ranges start on part boundaries (the range size is then a multiple of the part size), and a whole-object
+    CRC32 (CRC32s combine, as zlib's ``crc32_combine``). A whole-object MD5 or SHA (and the caller's sha256) cannot
+    be split: one thread reads the file back from the page cache in order, as soon as a contiguous prefix has
+    arrived, so it overlaps the download. Ranges already on disk when a download resumes are hashed from the
+    file, never taken on trust from the journal. A mismatch discards
     the file: a checksum or ETag mismatch downloads it once more, then fails; a mismatch with a sha256 the caller
     gave fails at once with ``permanent=True``. ``file://`` stores copy the file instead (size and sha256 checked).
 
@@ -71,13 +76,14 @@ import shutil
 import threading
 import time
 import uuid
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+
+from isal import isal_zlib
 
 from finetune_trainer.config import StorageConfig
 
@@ -183,6 +189,16 @@ class TransferSettings:
     multipart_threshold: int = 16 * MiB
     upload_part_size: int = 16 * MiB
     upload_concurrency: int = 8
+
+    def range_size(self, size: int, part_size: int | None = None) -> int:
+        """Bytes per ranged GET of an object of ``size`` bytes uploaded in parts of ``part_size``."""
+        # About two ranges per thread: fewer requests, yet the first ranges finish early enough for the
+        # read-back hasher to overlap the rest of the download.
+        wanted = math.ceil(size / max(1, self.concurrency * 2) / MiB) * MiB
+        chosen = min(self.max_range_size, max(self.min_range_size, wanted))
+        if part_size:  # whole parts per range, so each range's parts are hashed where they arrive
+            chosen = max(1, round(chosen / part_size)) * part_size
+        return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,10 +455,15 @@ class _Crc32:
         self.value = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self.value = isal_zlib.crc32(data, self.value)
 
     def digest(self) -> bytes:
         return self.value.to_bytes(4, "big")
+
+
+def _crc32_base64(data: bytes) -> str:
+    """The ``x-amz-checksum-crc32`` value; given with the request, botocore does not compute it again (slower)."""
+    return base64.b64encode(isal_zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 def _new_hasher(algorithm: str) -> _Hasher:
@@ -479,7 +500,7 @@ class _Digester:
         self.current_length = 0
         self.part_digests: list[bytes] = []
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         part_size = self.expectation.part_size
         if part_size is None:
             self.current.update(data)
@@ -495,15 +516,91 @@ class _Digester:
                 self.current = _new_hasher(self.expectation.algorithm)
                 self.current_length = 0
 
+    def parts(self) -> list[bytes]:
+        """The digests of the parts fed so far, the last one possibly short."""
+        return self.part_digests + [self.current.digest()] if self.current_length else list(self.part_digests)
+
     def result(self) -> str:
         if self.expectation.part_size is None:
             return self.expectation.render(self.current.digest())
-        digests = list(self.part_digests)
-        if self.current_length:
-            digests.append(self.current.digest())
-        combined = _new_hasher(self.expectation.algorithm)
-        combined.update(b"".join(digests))
-        return self.expectation.render(combined.digest())
+        return self.expectation.render(_combine_parts(self.expectation.algorithm, self.parts()))
+
+
+def _combine_parts(algorithm: str, digests: Iterable[bytes]) -> bytes:
+    combined = _new_hasher(algorithm)
+    combined.update(b"".join(digests))
+    return combined.digest()
+
+
+CRC32_POLY = 0xEDB88320  # reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial, in zlib's reflected bit order."""
+    product = 0
+    m = 1 << 31
+    while m and a:
+        if a & m:
+            product ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ CRC32_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x2n_table() -> list[int]:
+    table = [1 << 30]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return table  # table[k] = x^(2^k) mod p
+
+
+_X2N = _x2n_table()
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """``crc32(a + b)`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (zlib's crc32_combine)."""
+    shift = 1 << 31  # x^0: multiply crc1 by x^(8 * length2)
+    n, k = length2, 3
+    while n:
+        if n & 1:
+            shift = _multmodp(_X2N[k & 31], shift)
+        n >>= 1
+        k += 1
+    return _multmodp(shift, crc1) ^ crc2
+
+
+class _RangeVerifier:
+    """Hashes every range in the thread that downloads it, then combines the pieces (see the module docstring)."""
+
+    def __init__(self, expectation: Expectation, ranges: _Ranges) -> None:
+        self.expectation = expectation
+        self.ranges = ranges
+        self.digesters = [_Digester(expectation) for _ in ranges]
+
+    @staticmethod
+    def possible(expectation: Expectation, range_size: int) -> bool:
+        if expectation.part_size is not None:
+            return range_size % expectation.part_size == 0
+        return expectation.algorithm == "crc32"
+
+    def hash_from_disk(self, fd: int, index: int) -> None:
+        """A range written by an earlier attempt: hash what the file holds."""
+        start, end = self.ranges[index]
+        for position in range(start, end, _ReadBackHasher.CHUNK):
+            data = os.pread(fd, min(_ReadBackHasher.CHUNK, end - position), position)
+            if len(data) != min(_ReadBackHasher.CHUNK, end - position):
+                raise OSError(f"unexpected end of file at byte {position + len(data)}")
+            self.digesters[index].update(data)
+
+    def result(self) -> str:
+        if self.expectation.part_size is not None:
+            digest = _combine_parts(self.expectation.algorithm, (d for g in self.digesters for d in g.parts()))
+            return self.expectation.render(digest)
+        crc = 0
+        for (start, end), digester in zip(self.ranges, self.digesters, strict=True):
+            crc = crc32_combine(crc, int.from_bytes(digester.current.digest(), "big"), end - start)
+        return self.expectation.render(crc.to_bytes(4, "big"))
 
 
 class _ReadBackHasher(threading.Thread):
@@ -641,11 +738,20 @@ class S3Store(ObjectStore):
         return self._call("get", key, get)
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._put_object(key, data)
+
+    def _put_object(self, key: str, data: bytes) -> dict[str, Any]:
         put = functools.partial(
-            self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="CRC32"
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+            ChecksumAlgorithm="CRC32",
+            ChecksumCRC32=_crc32_base64(data),
         )
-        self._call("put", key, put)
+        answer: dict[str, Any] = self._call("upload", key, put)
         self._count(UPLOAD, len(data))
+        return answer
 
     def delete_prefix(self, prefix: str) -> int:
         _refuse_empty_prefix(prefix, self.uri)
@@ -670,12 +776,7 @@ class S3Store(ObjectStore):
         src = Path(src)
         size = src.stat().st_size
         if size <= self.transfer.multipart_threshold:
-            data = src.read_bytes()
-            put = functools.partial(
-                self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="CRC32"
-            )
-            answer = self._call("upload", key, put)
-            self._count(UPLOAD, size)
+            answer = self._put_object(key, src.read_bytes())
             return ObjectInfo(key, size, _unquote(answer.get("ETag")))
         # S3 allows at most 10000 parts.
         part_size = max(self.transfer.upload_part_size, math.ceil(size / 10000 / MiB) * MiB)
@@ -711,6 +812,7 @@ class S3Store(ObjectStore):
                     PartNumber=number,
                     Body=data,
                     ChecksumAlgorithm="CRC32",
+                    ChecksumCRC32=_crc32_base64(data),
                 )
                 answer = self._call(f"upload part {number}", key, put_part)
                 self._count(UPLOAD, len(data))
@@ -822,13 +924,6 @@ class S3Store(ObjectStore):
             return None
         return part_size
 
-    def _range_size(self, size: int) -> int:
-        t = self.transfer
-        # About two ranges per thread: fewer requests, yet the first ranges finish early enough for the
-        # read-back hasher to overlap the rest of the download.
-        wanted = math.ceil(size / max(1, t.concurrency * 2) / MiB) * MiB
-        return min(t.max_range_size, max(t.min_range_size, wanted))
-
     def _download_ranges(
         self, key: str, dest: Path, size: int, etag: str | None, expectation: Expectation | None
     ) -> None:
@@ -839,9 +934,10 @@ class S3Store(ObjectStore):
         identity = {"version": JOURNAL_VERSION, "uri": uri, "size": size, "etag": etag}
         # A journal's range size wins over this machine's choice, so a resume on another node keeps its ranges.
         done, range_size = _read_journal(journal, partial, identity)
-        range_size = range_size or self._range_size(size)
+        range_size = range_size or self.transfer.range_size(size, expectation.part_size if expectation else None)
         identity["rangeSize"] = range_size
         ranges = [(start, min(start + range_size, size)) for start in range(0, size, range_size)]
+        inline = expectation is not None and _RangeVerifier.possible(expectation, range_size)
         if not done:
             free = shutil.disk_usage(dest.parent).free
             if free < size:
@@ -849,12 +945,13 @@ class S3Store(ObjectStore):
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC), 0o644)
         try:
             os.ftruncate(fd, size)
-            hasher = _ReadBackHasher(fd, size, expectation) if expectation is not None else None
+            verifier = _RangeVerifier(expectation, ranges) if expectation is not None and inline else None
+            hasher = _ReadBackHasher(fd, size, expectation) if expectation is not None and not inline else None
             if hasher is not None:
                 hasher.start()
             try:
-                self._fetch_missing(key, fd, ranges, done, journal, identity, etag, hasher)
-                actual = hasher.result() if hasher is not None else None
+                self._fetch_missing(key, fd, ranges, done, journal, identity, etag, hasher, verifier)
+                actual = verifier.result() if verifier else hasher.result() if hasher else None
             except BaseException:
                 if hasher is not None:
                     hasher.abort()
@@ -883,6 +980,7 @@ class S3Store(ObjectStore):
         identity: dict[str, Any],
         etag: str | None,
         hasher: _ReadBackHasher | None,
+        verifier: _RangeVerifier | None,
     ) -> None:
         abort = threading.Event()
         contiguous = 0
@@ -901,21 +999,28 @@ class S3Store(ObjectStore):
                 contiguous += 1
             hasher.advance(ranges[contiguous - 1][1] if contiguous else 0)
         missing = [i for i in range(len(ranges)) if i not in done]
-        if not missing:
+        rehash = sorted(done) if verifier is not None else []
+        if not missing and not rehash:
             return
         first_error: BaseException | None = None
-        workers = min(self.transfer.concurrency, len(missing))
+        workers = min(self.transfer.concurrency, len(missing) + len(rehash))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-get") as pool:
             futures: dict[Future[None], int] = {
-                pool.submit(self._fetch_range, key, fd, *ranges[i], etag, abort): i for i in missing
+                pool.submit(
+                    self._fetch_range, key, fd, *ranges[i], etag, abort, verifier.digesters[i] if verifier else None
+                ): i
+                for i in missing
             }
+            if verifier is not None:
+                futures.update({pool.submit(verifier.hash_from_disk, fd, i): -1 for i in rehash})
             for future in as_completed(futures):
                 if future.cancelled():
                     continue
                 error = future.exception()
                 if error is None:
                     # Ranges that finish after another failed are still journaled: a resume skips them.
-                    record(futures[future])
+                    if futures[future] >= 0:
+                        record(futures[future])
                 elif first_error is None or isinstance(first_error, _Aborted):
                     first_error = error
                     abort.set()
@@ -924,7 +1029,16 @@ class S3Store(ObjectStore):
         if first_error is not None:
             raise first_error
 
-    def _fetch_range(self, key: str, fd: int, start: int, end: int, etag: str | None, abort: threading.Event) -> None:
+    def _fetch_range(
+        self,
+        key: str,
+        fd: int,
+        start: int,
+        end: int,
+        etag: str | None,
+        abort: threading.Event,
+        digester: _Digester | None = None,
+    ) -> None:
         position = start
         uri = self.uri_for(key)
 
@@ -947,6 +1061,8 @@ class S3Store(ObjectStore):
                     view = memoryview(chunk)
                     while view:
                         written = os.pwrite(fd, view, position)
+                        if digester is not None:  # exactly what was written: a retry goes on from `position`
+                            digester.update(view[:written])
                         position += written
                         view = view[written:]
                     self._count(DOWNLOAD, len(chunk))
