@@ -114,3 +114,26 @@ def test_storage_restart_during_training_loses_nothing(setup: TrainerSetup, seaw
     complete = setup.complete_checkpoints()
     assert sorted(complete) == list(range(5, 65, 5)), sorted(complete)
     assert setup.keys("run/model/model.safetensors")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_checkpoint_from_two_ranks_resumes_on_one_through_a_universal_checkpoint(
+    setup: TrainerSetup, stage: int
+) -> None:
+    checkpoint, zero = {"everySteps": 10, "keep": 2}, {"zeroStage": stage}
+    first = setup.run_launcher(setup.write_config(checkpoint=checkpoint, deepspeed=zero), nproc=2)
+    assert first.returncode == exit_codes.SUCCESS, first.log()[-4000:]
+    assert sorted(setup.complete_checkpoints()) == [10, 20]
+    # The job comes back with one rank instead of two (resized while suspended) and a longer schedule.
+    config = setup.write_config("one-rank.json", training={"maxSteps": 30}, checkpoint=checkpoint, deepspeed=zero)
+
+    second = setup.run_launcher(config, nproc=1)
+
+    log = second.log()
+    assert second.returncode == exit_codes.SUCCESS, log[-4000:]
+    assert f"checkpoint step 20 was written by 2 ranks and this run has 1: converting its ZeRO-{stage} shards" in log
+    assert "to a universal checkpoint in" in log
+    result = setup.result()
+    assert (result["resumedFromStep"], result["steps"], result["worldSize"]) == (20, 30, 1)
+    assert result["evalLossAfter"] < result["evalLossBefore"]
+    assert setup.complete_checkpoints()[30]["worldSize"] == 1

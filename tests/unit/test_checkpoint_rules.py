@@ -14,9 +14,11 @@ from finetune_trainer.checkpoints import (
     ManifestError,
     assign_uploads,
     checkpoint_key,
+    needs_universal,
     parse_checkpoint_name,
     retained_steps,
 )
+from finetune_trainer.config import config_from_dict
 from finetune_trainer.launch import decide_exit, read_exit_statuses
 
 SHA = "a" * 64
@@ -34,6 +36,33 @@ def manifest(**overrides: object) -> Manifest:
     }
     fields.update(overrides)
     return Manifest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "written_by", "world_size", "expected"),
+    [
+        (0, 2, 1, False),  # plain data parallel: every rank holds the whole optimizer state
+        (1, 2, 2, False),
+        (1, 2, 4, True),  # ZeRO shards are cut per rank: re-cut through a universal checkpoint
+        (2, 4, 2, True),
+        (3, 8, 16, True),
+        (3, 8, 8, False),
+    ],
+)
+def test_a_universal_conversion_is_needed_only_for_zero_shards_of_another_world_size(
+    zero_stage: int, written_by: int, world_size: int, expected: bool
+) -> None:
+    config = config_from_dict(
+        {
+            "model": {"uri": "s3://models/tiny"},
+            "dataset": {"uri": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/run"},
+            "training": {"maxSteps": 1},
+            "deepspeed": {"zeroStage": zero_stage},
+        }
+    )
+
+    assert needs_universal(config, manifest(worldSize=written_by), world_size) is expected
 
 
 def test_checkpoint_keys_have_eight_digits_and_parse_back() -> None:

@@ -95,6 +95,14 @@ def test_offloaded_optimizer_uses_deepspeeds_adam_with_auto_values() -> None:
     }
 
 
+@pytest.mark.parametrize("load_universal", [False, True])
+def test_checkpoints_are_node_local_and_universal_only_when_resuming_from_a_converted_one(load_universal: bool) -> None:
+    ds = build_deepspeed_config(make_config(), 2, precision="fp32", cuda=False, load_universal=load_universal)
+
+    expected = {"use_node_local_storage": True, **({"load_universal": True} if load_universal else {})}
+    assert ds["checkpoint"] == expected
+
+
 @pytest.mark.parametrize(
     ("precision", "bf16", "fp16"),
     [("fp32", None, None), ("bf16", {"enabled": True}, None), ("fp16", None, True)],

@@ -24,8 +24,13 @@ disk is the scarcer resource and resume always reads from storage.
 Resume (``restore_checkpoint``): rank 0 lists the checkpoints newest first and keeps those whose manifest parses
 and whose files are all present with the manifest's sizes; each node's local rank 0 downloads the candidate
 (DeepSpeed needs the files of every rank on every node) and verifies sha256; the ranks agree, and a candidate
-that failed anywhere is skipped with a warning for the next older one. A different config hash is a warning; a
-different world size skips the checkpoint under ZeRO stages 1-3 (their optimizer shards are per rank). No
+that failed anywhere is skipped with a warning for the next older one. A different config hash is a warning. A
+different world size (the job was suspended and given another number of nodes or GPUs) under ZeRO stages 1-3,
+whose optimizer shards are per rank: every node converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
+a universal checkpoint (weights and Adam states per parameter, loadable by any world size) and DeepSpeed loads that
+(``checkpoint.load_universal``); model, optimizer, scheduler and step carry over, the global batch changes with
+the world size, and the data order (each rank's shard of the shuffled rows) is not the one the old world size
+would have followed. A conversion that fails makes the checkpoint unusable like a failed download. No
 checkpoint: training starts fresh.
 
 SIGTERM (``Preemption``): before training starts the handler raises ``Preempted`` (nothing to save yet). Once
@@ -48,6 +53,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -693,11 +700,53 @@ class Restored:
     step: int
     path: Path
     manifest: Manifest
+    # Converted for another world size: DeepSpeed must load it with ``checkpoint.load_universal``.
+    universal: bool = False
 
 
-def find_candidates(
-    config: TrainerConfig, store: ObjectStore, world_size: int
-) -> tuple[list[Manifest], dict[int, float | None]]:
+def needs_universal(config: TrainerConfig, manifest: Manifest, world_size: int) -> bool:
+    """Whether the checkpoint's ZeRO shards were cut for another world size."""
+    return manifest.worldSize != world_size and config.deepspeed.zeroStage > 0
+
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def convert_to_universal(checkpoint_dir: Path, *, workers: int | None = None) -> str:
+    """Convert the DeepSpeed checkpoint in ``checkpoint_dir`` (its ``latest`` tag) into a universal one beside it.
+
+    Writes ``<tag>_universal/`` and ``latest_universal``, which DeepSpeed reads when ``checkpoint.load_universal``
+    is on; returns the new tag. Runs DeepSpeed's converter in a child process (it forks workers of its own, which a
+    rank holding process groups and threads should not do). RuntimeError with the converter's last lines.
+    """
+    tag = (checkpoint_dir / "latest").read_text().strip()
+    universal = f"{tag}{UNIVERSAL_SUFFIX}"
+    shutil.rmtree(checkpoint_dir / universal, ignore_errors=True)
+    workers = workers or max(1, min(4, len(os.sched_getaffinity(0))))
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint_dir / tag),
+        "--output_folder",
+        str(checkpoint_dir / universal),
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+        "--inject_missing_state",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not (checkpoint_dir / "latest_universal").is_file():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"converting {checkpoint_dir / tag} to a universal checkpoint failed:\n{tail}")
+    log.info("converted %s to a universal checkpoint in %.1f s", checkpoint_dir / tag, time.monotonic() - started)
+    return universal
+
+
+def find_candidates(config: TrainerConfig, store: ObjectStore) -> tuple[list[Manifest], dict[int, float | None]]:
     """Usable checkpoints newest first, and every complete one {step: eval loss} (for retention); rank 0 only."""
     by_step: dict[int, dict[str, int]] = {}
     for info in store.list(f"{CHECKPOINTS_DIR}/"):
@@ -725,15 +774,6 @@ def find_candidates(
             log.warning("checkpoint step %d: files missing or of the wrong size (%s): skipped", step, missing[:5])
             continue
         complete[step] = manifest.evalLoss
-        if manifest.worldSize != world_size and config.deepspeed.zeroStage > 0:
-            log.warning(
-                "checkpoint step %d was written by %d ranks, this run has %d: ZeRO optimizer shards cannot be "
-                "re-partitioned, skipped",
-                step,
-                manifest.worldSize,
-                world_size,
-            )
-            continue
         if manifest.configHash != config.config_hash():
             log.warning(
                 "checkpoint step %d was written with another recipe (config hash %s, now %s): resuming anyway",
@@ -778,7 +818,7 @@ def restore_checkpoint(
     found: dict[str, Any] = {}
     if ctx.rank == 0:
         try:
-            found["candidates"], found["complete"] = find_candidates(config, store, ctx.world_size)
+            found["candidates"], found["complete"] = find_candidates(config, store)
         except StorageError as exc:  # shared with the other ranks (an exception does not pickle), raised everywhere
             found["error"] = (f"listing checkpoints failed: {exc}", exc.uri, exc.permanent)
     found = ctx.broadcast(found)
@@ -789,10 +829,24 @@ def restore_checkpoint(
     complete: dict[int, float | None] = found["complete"]
     for manifest in candidates:
         target = local_checkpoint_dir(output_dir, manifest.step)
+        universal = needs_universal(config, manifest, ctx.world_size)
+        if universal and ctx.rank == 0:
+            log.warning(
+                "checkpoint step %d was written by %d ranks and this run has %d: converting its ZeRO-%d shards to "
+                "a universal checkpoint; the global batch is now %d rows and the data order differs from the "
+                "earlier run's",
+                manifest.step,
+                manifest.worldSize,
+                ctx.world_size,
+                config.deepspeed.zeroStage,
+                config.training.batchSize * config.training.gradientAccumulationSteps * ctx.world_size,
+            )
         problem = ""
         if ctx.is_node_leader:
             try:
                 download_checkpoint(store, manifest, target)
+                if universal:
+                    convert_to_universal(target)
             except Exception as exc:  # this candidate is unusable; the next older one is tried
                 problem = f"{type(exc).__name__}: {exc}"
         (failed,) = ctx.all_reduce_max([int(bool(problem))])
@@ -807,7 +861,7 @@ def restore_checkpoint(
             continue
         if ctx.rank == 0:
             log.warning("resuming from checkpoint step %d", manifest.step)
-        return Restored(manifest.step, target, manifest), complete
+        return Restored(manifest.step, target, manifest, universal), complete
     if ctx.rank == 0:
         log.warning("no usable checkpoint under %s/%s/: starting fresh", store.uri, CHECKPOINTS_DIR)
     return None, complete

@@ -98,7 +98,9 @@ def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool) -> st
     return requested
 
 
-def build_deepspeed_config(config: TrainerConfig, world_size: int, *, precision: str, cuda: bool) -> dict[str, Any]:
+def build_deepspeed_config(
+    config: TrainerConfig, world_size: int, *, precision: str, cuda: bool, load_universal: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed config dict for this run; "auto" where HF fills the value from TrainingArguments."""
     ds = config.deepspeed
     t = config.training
@@ -132,6 +134,8 @@ def build_deepspeed_config(config: TrainerConfig, world_size: int, *, precision:
         # Checkpoints go to each node's own disk: every node's local rank 0 creates the folders.
         "checkpoint": {"use_node_local_storage": True},
     }
+    if load_universal:  # resuming from a checkpoint converted for this world size (checkpoints.convert_to_universal)
+        result["checkpoint"]["load_universal"] = True
     if ds.offloadOptimizer:
         # DeepSpeed refuses a torch optimizer on offloaded states; its CPU Adam is the fast path there.
         result["optimizer"] = {
@@ -177,6 +181,7 @@ def build_training_arguments(
     cuda: bool,
     has_eval: bool,
     resuming: bool,
+    load_universal: bool = False,
 ) -> TrainingArguments:
     t = config.training
     evaluate = has_eval and t.evalEvery is not None
@@ -184,7 +189,9 @@ def build_training_arguments(
         output_dir=str(output_dir),
         use_cpu=not cuda,
         ddp_backend="nccl" if cuda else "gloo",
-        deepspeed=build_deepspeed_config(config, world_size, precision=precision, cuda=cuda),
+        deepspeed=build_deepspeed_config(
+            config, world_size, precision=precision, cuda=cuda, load_universal=load_universal
+        ),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         per_device_train_batch_size=t.batchSize,
@@ -424,6 +431,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
             cuda=cuda,
             has_eval=datasets.eval is not None,
             resuming=restored is not None,
+            load_universal=restored is not None and restored.universal,
         )
         set_seed(config.training.seed)
         # After TrainingArguments: under ZeRO-3 HF then partitions the weights while loading them.
