@@ -170,6 +170,39 @@ def test_deleted_pod_writes_an_emergency_checkpoint_and_loses_no_step(cluster: L
     assert read_json(cluster, f"{name}/result.json")["resumedFromStep"] == emergency[0]
 
 
+def test_a_job_resized_while_suspended_resumes_from_its_checkpoint(cluster: LocalCluster) -> None:
+    name = "resize"
+    total = 200
+    job = make_job(
+        name,
+        distributed={"nodes": 2, "procsPerNode": 1, "deepspeed": {"zeroStage": 2}},
+        resources=SMALL,
+        training={"maxSteps": total},
+        checkpoint={"everySteps": 20, "keep": 2},
+    )
+    apply(cluster, job)
+    wait_until(lambda: checkpoint_steps(cluster, name), timeout=400, what="a first complete checkpoint")
+    # Resizing a running job is refused; suspended, it may take another shape (the pods write an emergency
+    # checkpoint on their way out).
+    refused = cluster.kubectl(
+        "patch", "ftj", name, "--type=merge", "-p", '{"spec":{"distributed":{"nodes":1}}}', check=False
+    )
+    assert "distributed can only change while the job is suspended" in refused
+    cluster.kubectl("patch", "ftj", name, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    cluster.wait_for_job(name, phases={"Suspended"}, timeout=120)
+    wait_until(lambda: not cluster.pods(name), timeout=120, what="the pods to stop")
+    saved = max(checkpoint_steps(cluster, name))
+    cluster.kubectl("patch", "ftj", name, "--type=merge", "-p", '{"spec":{"distributed":{"nodes":1}}}')
+    cluster.kubectl("patch", "ftj", name, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+
+    done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
+
+    assert done["progress"]["step"] == total
+    result = read_json(cluster, f"{name}/result.json")
+    assert (result["resumedFromStep"], result["worldSize"], result["steps"]) == (saved, 1, total)
+    assert 0 < saved < total
+
+
 def test_operator_restarted_mid_job_continues_without_duplicate_pods(cluster: LocalCluster) -> None:
     name = "opcrash"
     apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 30}))
