@@ -65,6 +65,18 @@ def counter() -> tuple[dict[str, int], Callable[[str, int], None]]:
     return moved, hook
 
 
+def crash_after(limit: int) -> Callable[[str, int], None]:
+    """A byte hook that fails the transfer once more than ``limit`` bytes have moved, as a crashed process would."""
+    received = [0]
+
+    def hook(direction: str, n: int) -> None:
+        received[0] += n
+        if received[0] > limit:
+            raise RuntimeError("simulated crash")
+
+    return hook
+
+
 def random_file(path: Path, size: int) -> str:
     data = os.urandom(size)
     path.write_bytes(data)
@@ -149,15 +161,9 @@ def test_an_interrupted_pull_resumes_with_only_the_missing_ranges(
     digest = random_file(weights, 50 * MiB)
     seaweedfs.client().upload_file(str(weights), s3_bucket, "models/tiny/model.safetensors")
     transfer = TransferSettings(concurrency=2, min_range_size=8 * MiB, max_range_size=8 * MiB)
-    received = [0]
-
-    def crash_after_20_mib(direction: str, n: int) -> None:
-        received[0] += n
-        if received[0] > 20 * MiB:
-            raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=crash_after_20_mib, transfer=transfer)
+        pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=crash_after(20 * MiB), transfer=transfer)
     (journal_path,) = (tmp_path / "cache" / "models").glob("*/model.safetensors.partial.json")
     journal = json.loads(journal_path.read_text())
     done_bytes = sum(min(journal["rangeSize"], 50 * MiB - i * journal["rangeSize"]) for i in journal["done"])
@@ -180,15 +186,9 @@ def test_a_resumed_range_corrupted_on_disk_is_caught_and_the_object_downloaded_a
     digest = random_file(weights, 24 * MiB)
     seaweedfs.client().upload_file(str(weights), s3_bucket, "models/tiny/model.safetensors")  # CRC32, 8 MiB parts
     transfer = TransferSettings(concurrency=1, min_range_size=8 * MiB, max_range_size=8 * MiB)
-    received = [0]
-
-    def crash_after_10_mib(direction: str, n: int) -> None:
-        received[0] += n
-        if received[0] > 10 * MiB:
-            raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=crash_after_10_mib, transfer=transfer)
+        pull_model(uri, tmp_path / "cache", s3_env, local_rank=0, on_bytes=crash_after(10 * MiB), transfer=transfer)
     (partial,) = (tmp_path / "cache" / "models").glob("*/model.safetensors.partial")
     assert json.loads(partial.with_name(partial.name + ".json").read_text())["done"] == [0]
     with partial.open("r+b") as handle:  # the journaled first range rots on disk
