@@ -1,0 +1,154 @@
+"""GPU throughput and MFU of the trainer: bf16 + nccl + ZeRO-2 on a GPT-2 built from a config, one rank per GPU.
+
+    python -m bench.bench_gpu [--layers 12] [--dim 768] [--seq 1024] [--batch 8] [--steps 60]
+
+The model (GPT-2 124M's shape by default; the vocabulary is the locally trained tokenizer's) and packed chat data
+are built locally and read through file:// URIs, so no S3 server shares the machine. ``finetune_trainer`` runs under
+torchrun with one process per visible GPU; ``StepProbe`` times rank 0's steps after ``WARMUP_STEPS``, and rank 0's
+``finetune_tokens_total`` gives the non-padding tokens. Printed: steps/s, tokens/s per GPU and in all, and MFU =
+achieved model FLOP/s / the GPU's peak dense bf16 FLOP/s, with the model FLOPs per token of PaLM's appendix B:
+6 N + 12 L d S (N: parameters that take part in matmuls, the tied embedding included and the position table not;
+L layers, d width, S sequence length). Without CUDA the same path runs in fp32 on the CPUs with a small model
+(``--layers 2 --dim 64 --seq 128`` unless given) and MFU is n/a: a smoke run of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from bench.bench_trainer import WARMUP_STEPS, launch, print_table, window_rate
+
+# Peak dense bf16 tensor-core FLOP/s by device-name fragment, from the vendors' data sheets (no sparsity).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The data-sheet peak for a ``torch.cuda.get_device_name()``; None when the device is not in the table."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment in device_name:
+            return flops
+    return None
+
+
+def model_flops_per_token(matmul_params: int, layers: int, width: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward and backward): 6 N + 12 L d S."""
+    return 6.0 * matmul_params + 12.0 * layers * width * seq_len
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | None, devices: int) -> float | None:
+    """Model FLOPs utilisation of ``devices`` GPUs together; None without a known peak."""
+    if peak_flops is None or devices <= 0:
+        return None
+    return tokens_per_second * flops_per_token / (peak_flops * devices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12 if cuda else 2)
+    parser.add_argument("--dim", type=int, default=768 if cuda else 64)
+    parser.add_argument("--heads", type=int, default=12 if cuda else 2)
+    parser.add_argument("--seq", type=int, default=1024 if cuda else 128)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per GPU per step")
+    parser.add_argument("--steps", type=int, default=60 if cuda else 30)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.testing import build_tiny_model, generic_corpus, toy_chat_rows
+    from localcluster.seaweedfs import free_ports
+
+    devices = torch.cuda.device_count() if cuda else 1
+    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    # Enough packed rows for every step on every rank, with some to spare.
+    rows = toy_chat_rows(max(2000, args.steps * args.batch * devices * args.seq // 40), seed=5)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        root = Path(tmp)
+        (root / "data").mkdir()
+        (root / "data" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        texts = generic_corpus(2000) + [m["content"] for r in rows[:2000] for m in r["messages"]]
+        model_dir = build_tiny_model(
+            root / "model",
+            texts=texts,
+            vocab_size=8192,
+            n_layer=args.layers,
+            n_embd=args.dim,
+            n_head=args.heads,
+            n_positions=args.seq,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        total = sum(p.numel() for p in model.parameters())
+        positions = model.transformer.wpe.weight.numel()  # a lookup, not a matmul
+        del model
+        flops_per_token = model_flops_per_token(total - positions, args.layers, args.dim, args.seq)
+        config = {
+            "model": {"uri": f"file://{model_dir}"},
+            "dataset": {"uri": f"file://{root}/data/chat.jsonl", "format": "chat", "evalSplit": 0.01},
+            "output": {"uri": f"file://{root}/out"},
+            "training": {
+                "maxSteps": args.steps,
+                "batchSize": args.batch,
+                "maxSeqLength": args.seq,
+                "packing": True,
+                "learningRate": 3e-4,
+                "logEvery": 10,
+                "scheduler": "constant",
+                "precision": "bf16" if cuda else "fp32",
+            },
+            "deepspeed": {"zeroStage": args.zero_stage},
+            "checkpoint": {"everyMinutes": 1e6},
+            "metrics": {"port": free_ports(1)[0]},
+            "local": {"cacheDir": str(root / "cache"), "workDir": str(root / "work")},
+        }
+        config_path = root / "config.json"
+        config_path.write_text(json.dumps(config))
+        probe = launch("ours", config_path, root / "gpu.probe", env, nproc=devices)
+        steps_per_second, rank0_tokens_per_second = window_rate(probe)
+
+    tokens_per_second = rank0_tokens_per_second * devices  # data-parallel ranks see equal-sized packed batches
+    utilisation = mfu(tokens_per_second, flops_per_token, peak_bf16_flops(name) if cuda else None, devices)
+    print_table(
+        f"GPU path: {devices} x {name}, GPT-2 {args.layers}x{args.dim} ({total / 1e6:.1f} M parameters), "
+        f"seq {args.seq}, batch {args.batch}/rank, packed chat, ZeRO-{args.zero_stage}, "
+        f"{'bf16 + nccl' if cuda else 'fp32 + gloo (no CUDA: smoke run)'}; steps {WARMUP_STEPS}-{args.steps}",
+        ("steps/s", "tokens/s per rank", "tokens/s", "model GFLOP/token", "MFU"),
+        [
+            (
+                f"{steps_per_second:.2f}",
+                f"{rank0_tokens_per_second:.0f}",
+                f"{tokens_per_second:.0f}",
+                f"{flops_per_token / 1e9:.3f}",
+                f"{utilisation:.1%}" if utilisation is not None else "n/a",
+            )
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
