@@ -116,16 +116,21 @@ def test_storage_restart_during_training_loses_nothing(setup: TrainerSetup, seaw
     assert setup.keys("run/model/model.safetensors")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize(
+    ("stage", "method"), [(2, "full"), (3, "full"), (2, "lora")], ids=["zero2", "zero3", "zero2-lora"]
+)
 def test_a_checkpoint_from_two_ranks_resumes_on_one_through_a_universal_checkpoint(
-    setup: TrainerSetup, stage: int
+    setup: TrainerSetup, stage: int, method: str
 ) -> None:
     checkpoint, zero = {"everySteps": 10, "keep": 2}, {"zeroStage": stage}
-    first = setup.run_launcher(setup.write_config(checkpoint=checkpoint, deepspeed=zero), nproc=2)
+    lora = {"method": "lora", "lora": {"r": 8, "alpha": 16}} if method == "lora" else {}
+    first = setup.run_launcher(setup.write_config(checkpoint=checkpoint, deepspeed=zero, training=lora), nproc=2)
     assert first.returncode == exit_codes.SUCCESS, first.log()[-4000:]
     assert sorted(setup.complete_checkpoints()) == [10, 20]
     # The job comes back with one rank instead of two (resized while suspended) and a longer schedule.
-    config = setup.write_config("one-rank.json", training={"maxSteps": 30}, checkpoint=checkpoint, deepspeed=zero)
+    config = setup.write_config(
+        "one-rank.json", training={**lora, "maxSteps": 30}, checkpoint=checkpoint, deepspeed=zero
+    )
 
     second = setup.run_launcher(config, nproc=1)
 
