@@ -30,6 +30,7 @@ from finetune_trainer.storage import (
     FileStore,
     MiB,
     RetryPolicy,
+    S3Store,
     StorageError,
     TransferSettings,
     _Digester,
@@ -339,6 +340,53 @@ def test_ranges_resumed_from_disk_are_hashed_from_the_file(tmp_path: Path) -> No
 )
 def test_range_sizes_hold_whole_parts(size: int, part_size: int | None, expected: int) -> None:
     assert TransferSettings(concurrency=4).range_size(size, part_size) == expected
+
+
+class PartCountingClient:
+    """Just enough of an S3 client for a multipart upload; records how many parts were in flight at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.parts = 0
+
+    def create_multipart_upload(self, **_: Any) -> dict[str, Any]:
+        return {"UploadId": "upload-1"}
+
+    def upload_part(self, **request: Any) -> dict[str, Any]:
+        with self.lock:
+            self.in_flight += 1
+            self.parts += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.05)  # long enough for every worker to pick a part
+        with self.lock:
+            self.in_flight -= 1
+        return {"ETag": f'"{request["PartNumber"]}"'}
+
+    def complete_multipart_upload(self, **_: Any) -> dict[str, Any]:
+        return {"ETag": '"done-8"'}
+
+
+@pytest.mark.parametrize(("background", "expected"), [(False, 6), (True, 2)], ids=["foreground", "background"])
+def test_background_uploads_keep_fewer_parts_in_flight(tmp_path: Path, background: bool, expected: int) -> None:
+    source = tmp_path / "shard.bin"
+    source.write_bytes(b"s" * (8 * MiB))
+    client = PartCountingClient()
+    transfer = TransferSettings(
+        multipart_threshold=MiB, upload_part_size=MiB, upload_concurrency=6, background_upload_concurrency=2
+    )
+    store = S3Store("s3://bucket/run", client, "bucket", "run", transfer=transfer)
+
+    info = store.upload_file(source, "checkpoints/step-00000010/shard.bin", background=background)
+
+    assert (client.parts, client.most_in_flight) == (8, expected)
+    assert info.etag == "done-8"
+
+
+def test_background_upload_streams_grow_with_the_node() -> None:
+    assert TransferSettings().background_upload_concurrency == max(2, len(os.sched_getaffinity(0)) // 8)
+    assert TransferSettings().background_upload_concurrency < TransferSettings().upload_concurrency
 
 
 # --- file:// stores --------------------------------------------------------------------------------------------

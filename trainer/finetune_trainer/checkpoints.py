@@ -362,6 +362,8 @@ class NodeUpload:
     store: ObjectStore
     metrics: TrainerMetrics | None
     deadline: float
+    # False for the SIGTERM checkpoint: training has stopped and the grace period is short, so every stream helps.
+    background: bool = True
     entries: list[FileEntry] = field(default_factory=list)
     error: str | None = None
     thread: threading.Thread | None = None
@@ -390,7 +392,8 @@ class NodeUpload:
                 size = local.stat().st_size
                 digest = sha256_file(local)
                 key = self.destination + relative
-                with_retries(partial(self.store.upload_file, local, key), f"upload of {key}", self.deadline)
+                upload = partial(self.store.upload_file, local, key, background=self.background)
+                with_retries(upload, f"upload of {key}", self.deadline)
                 self.entries.append(FileEntry(relative, size, digest))
         except Exception as exc:  # reported to every rank at the next step boundary; training goes on
             self.error = f"{type(exc).__name__}: {exc}"
@@ -565,6 +568,7 @@ class CheckpointCallback(TrainerCallback):
                 store=self.store,
                 metrics=self.metrics,
                 deadline=deadline or time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S,
+                background=not self.preempted,
             )
             upload.start()
         eval_loss = self._eval_losses.get(step)

@@ -45,8 +45,10 @@ Downloads (``download_file``)
     gave fails at once with ``permanent=True``. ``file://`` stores copy the file instead (size and sha256 checked).
 
 Uploads (``upload_file``)
-    Files above ``multipart_threshold`` go up as a multipart upload of parallel parts, each part retried on its own
-    and carrying a CRC32 the server checks; a failed upload is aborted. ``delete_prefix("")`` is refused.
+    Files above ``multipart_threshold`` go up as a multipart upload of parallel parts (``upload_concurrency`` at
+    a time; ``background_upload_concurrency`` for ``background=True``, the checkpoints uploaded while training
+    goes on), each part retried on its own and carrying a CRC32 the server checks; a failed upload is aborted.
+    ``delete_prefix("")`` is refused.
 
 Node cache (``pull_model``, ``pull_dataset``)
     ``<cache_dir>/models/<name>-<hash of uri>/`` mirrors the objects under the URI (``datasets/`` for data: one
@@ -189,6 +191,10 @@ class TransferSettings:
     multipart_threshold: int = 16 * MiB
     upload_part_size: int = 16 * MiB
     upload_concurrency: int = 8
+    # Parts in flight for a background upload (a checkpoint while training goes on): fewer streams spread the
+    # upload's CPU (ours and, on a shared machine, the server's) over a longer window instead of a burst that
+    # takes cores from training. 2, or 1 per 8 CPUs on big nodes, where more streams still fit beside training.
+    background_upload_concurrency: int = field(default_factory=lambda: max(2, len(os.sched_getaffinity(0)) // 8))
 
     def range_size(self, size: int, part_size: int | None = None) -> int:
         """Bytes per ranged GET of an object of ``size`` bytes uploaded in parts of ``part_size``."""
@@ -358,7 +364,8 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def upload_file(self, src: str | Path, key: str) -> ObjectInfo: ...
+    def upload_file(self, src: str | Path, key: str, *, background: bool = False) -> ObjectInfo:
+        """Upload ``src`` to ``key``; ``background``: gently (TransferSettings.background_upload_concurrency)."""
 
     @abstractmethod
     def download_file(
@@ -772,7 +779,7 @@ class S3Store(ObjectStore):
 
     # -- upload --------------------------------------------------------------------------------------------------
 
-    def upload_file(self, src: str | Path, key: str) -> ObjectInfo:
+    def upload_file(self, src: str | Path, key: str, *, background: bool = False) -> ObjectInfo:
         src = Path(src)
         size = src.stat().st_size
         if size <= self.transfer.multipart_threshold:
@@ -786,7 +793,8 @@ class S3Store(ObjectStore):
         created = self._call("start upload", key, start)
         upload_id = created["UploadId"]
         try:
-            parts = self._upload_parts(src, key, upload_id, size, part_size)
+            workers = self.transfer.background_upload_concurrency if background else self.transfer.upload_concurrency
+            parts = self._upload_parts(src, key, upload_id, size, part_size, workers)
             etag = self._complete_upload(key, upload_id, parts, size)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -794,7 +802,7 @@ class S3Store(ObjectStore):
             raise
         return ObjectInfo(key, size, etag)
 
-    def _upload_parts(self, src: Path, key: str, upload_id: str, size: int, part_size: int) -> _Parts:
+    def _upload_parts(self, src: Path, key: str, upload_id: str, size: int, part_size: int, workers: int) -> _Parts:
         abort = threading.Event()
         fd = os.open(src, os.O_RDONLY)
         try:
@@ -822,7 +830,7 @@ class S3Store(ObjectStore):
                 return part
 
             count = math.ceil(size / part_size)
-            return _run_on_pool(send, range(1, count + 1), self.transfer.upload_concurrency, abort, "s3-put")
+            return _run_on_pool(send, range(1, count + 1), workers, abort, "s3-put")
         finally:
             os.close(fd)
 
@@ -1182,7 +1190,7 @@ class FileStore(ObjectStore):
         self._atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data))
         self._count(UPLOAD, len(data))
 
-    def upload_file(self, src: str | Path, key: str) -> ObjectInfo:
+    def upload_file(self, src: str | Path, key: str, *, background: bool = False) -> ObjectInfo:
         size = Path(src).stat().st_size
         self._atomic_write(self._path(key), lambda tmp: shutil.copyfile(src, tmp))
         self._count(UPLOAD, size)
