@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from trainer_factories import make_config
 
 from finetune_trainer import exit_codes
 from finetune_trainer.checkpoints import (
@@ -18,7 +19,6 @@ from finetune_trainer.checkpoints import (
     parse_checkpoint_name,
     retained_steps,
 )
-from finetune_trainer.config import config_from_dict
 from finetune_trainer.launch import decide_exit, read_exit_statuses
 
 SHA = "a" * 64
@@ -52,15 +52,7 @@ def manifest(**overrides: object) -> Manifest:
 def test_a_universal_conversion_is_needed_only_for_zero_shards_of_another_world_size(
     zero_stage: int, written_by: int, world_size: int, expected: bool
 ) -> None:
-    config = config_from_dict(
-        {
-            "model": {"uri": "s3://models/tiny"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "output": {"uri": "s3://out/run"},
-            "training": {"maxSteps": 1},
-            "deepspeed": {"zeroStage": zero_stage},
-        }
-    )
+    config = make_config(deepspeed={"zeroStage": zero_stage})
 
     assert needs_universal(config, manifest(worldSize=written_by), world_size) is expected
 

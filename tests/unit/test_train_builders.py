@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trainer_factories
 
-from finetune_trainer.config import ConfigError, TrainerConfig, config_from_dict
+from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.train import (
     EarlyStoppingCallback,
     build_deepspeed_config,
@@ -17,15 +18,8 @@ from finetune_trainer.train import (
 
 
 def make_config(**sections: Any) -> TrainerConfig:
-    data: dict[str, Any] = {
-        "model": {"uri": "s3://models/tiny"},
-        "dataset": {"uri": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/run"},
-        "training": {"maxSteps": 10, "batchSize": 4, "gradientAccumulationSteps": 2},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return config_from_dict(data)
+    training = {"batchSize": 4, "gradientAccumulationSteps": 2, **sections.pop("training", {})}
+    return trainer_factories.make_config(training=training, **sections)
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
+from trainer_factories import config_dict
 
 from finetune_trainer.config import ConfigError, TrainerConfig, config_from_dict, describe_fields, load_config
 
-
-def minimal(**sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "model": {"uri": "s3://models/tiny"},
-        "dataset": {"uri": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/run"},
-        "training": {"maxSteps": 10},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return data
+minimal = config_dict
 
 
 def test_minimal_config_gets_defaults() -> None:

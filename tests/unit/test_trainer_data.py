@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import trainer_factories
 
-from finetune_trainer.config import TrainerConfig, config_from_dict
+from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -49,15 +50,9 @@ def tokenizer(model_dir: Path) -> Any:
 
 
 def make_config(**sections: dict[str, Any]) -> TrainerConfig:
-    data: dict[str, Any] = {
-        "model": {"uri": "s3://models/tiny"},
-        "dataset": {"uri": "s3://data/train.jsonl", "format": "text"},
-        "output": {"uri": "s3://out/run"},
-        "training": {"maxSteps": 1, "maxSeqLength": 64},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return config_from_dict(data)
+    dataset = {"format": "text", **sections.pop("dataset", {})}
+    training = {"maxSteps": 1, "maxSeqLength": 64, **sections.pop("training", {})}
+    return trainer_factories.make_config(dataset=dataset, training=training, **sections)
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -8,23 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from trainer_factories import make_config
 from transformers import TrainerState
 
-from finetune_trainer.config import config_from_dict
 from finetune_trainer.export import export_kind, summarize
 from finetune_trainer.metrics import TokenCounter, TrainerMetrics
-
-
-def make_config(**sections: Any) -> Any:
-    data: dict[str, Any] = {
-        "model": {"uri": "s3://models/tiny"},
-        "dataset": {"uri": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/run"},
-        "training": {"maxSteps": 10},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return config_from_dict(data)
 
 
 def test_result_shows_the_losses_before_after_and_best() -> None:
