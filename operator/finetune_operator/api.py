@@ -42,13 +42,20 @@ API_RBAC: Final[frozenset[Rule]] = frozenset({
     (c.GROUP, f"{c.PLURAL}/status", "patch"),  # patch_job_status: the one status patch of a reconcile
     ("", "pods", "list"),  # list_job_pods
     ("", "pods", "create"),  # create: the gang
+    ("", "pods", "get"),  # create: whose is the pod already there under that name?
     ("", "pods", "delete"),  # delete: a failed attempt's gang, cleanPodPolicy
     ("", "services", "create"),  # create: the headless rendezvous Service (garbage-collected with the job)
+    ("", "services", "get"),  # create: whose is the Service already there under that name?
     ("", "configmaps", "create"),  # create_or_update_data: the trainer config ...
+    ("", "configmaps", "get"),  # create: whose is the ConfigMap already there under that name?
     ("", "configmaps", "patch"),  # ... and its data replaced for each new attempt
     ("", "events", "list"),  # list_pod_events: FailedScheduling / TriggeredScaleUp of unscheduled pods
     ("", "events", "create"),  # create_event: the job's phase changes
 })
+# Not a request: every child names its job as controller with blockOwnerDeletion (so a foreground delete of the
+# job waits for its pods), and the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift and in
+# the local cluster) lets only someone who may update the owner's finalizers set that flag.
+OWNER_RBAC: Final[frozenset[Rule]] = frozenset({(c.GROUP, f"{c.PLURAL}/finalizers", "update")})
 # With kopf peering (several replicas): get_peering reads the peering object to pause the resync with kopf.
 PEERING_API_GROUP: Final = "kopf.dev"
 PEERING_VERSION: Final = "v1"
@@ -321,12 +328,36 @@ class KubeApi:
         return [event for events in results for event in events]
 
     async def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Create a core object; the stored object, or None when it already existed (409)."""
-        namespace = body["metadata"]["namespace"]
+        """Create a core object; the stored object, or None when this owner's object already existed (409).
+
+        An object of that name whose controller is another (a deleted job of the same name whose children the
+        garbage collector has not removed yet, or something that is not ours) is never reused: the garbage
+        collector would delete it under the new job. That raises ApiError, and the reconcile retries.
+        """
+        metadata = body["metadata"]
+        namespace, plural = metadata["namespace"], _PLURALS[body["kind"]]
         status, created = await self.request(
-            "create", "POST", self.core_path(namespace, _PLURALS[body["kind"]]), body=body, ok_statuses=(409,)
+            "create", "POST", self.core_path(namespace, plural), body=body, ok_statuses=(409,)
         )
-        return None if status == 409 else dict(created or {})
+        if status != 409:
+            return dict(created or {})
+        owner = controller_of(body)
+        if owner is None:
+            return None
+        path = self.core_path(namespace, plural, metadata["name"])
+        found, existing = await self.request("get", "GET", path, ok_statuses=(404,))
+        if found == 404:
+            raise ApiError("create", 409, f"{body['kind']} {namespace}/{metadata['name']} was being deleted; retrying")
+        theirs = controller_of(existing)
+        if theirs is not None and theirs.get("uid") == owner.get("uid"):
+            return None
+        whose = (f"{theirs.get('kind')} {theirs.get('name')} uid {theirs.get('uid')}" if theirs is not None
+                 else "no controller")
+        raise ApiError(
+            "create", 409,
+            f"{body['kind']} {namespace}/{metadata['name']} already exists and belongs to {whose}, not to this job "
+            f"(uid {owner.get('uid')}); waiting until it is removed (the garbage collector removes a deleted job's)",
+        )
 
     async def create_or_update_data(self, body: Mapping[str, Any]) -> bool:
         """Create a ConfigMap, or replace the data of the existing one; True when created."""
@@ -381,6 +412,12 @@ class KubeApi:
             path = f"{base}/namespaces/{quote(namespace)}/{NAMESPACED_PEERINGS}/{quote(name)}"
         status, body = await self.request("get", "GET", path, ok_statuses=(404,))
         return None if status == 404 else dict(body or {})
+
+
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The owner reference marked ``controller``, if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref for ref in refs if ref.get("controller")), None)
 
 
 async def gather_actions(coroutines: Sequence[Awaitable[Any]]) -> list[BaseException]:

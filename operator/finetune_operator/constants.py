@@ -121,6 +121,9 @@ CONDITION_FAILED: Final = "Failed"
 CONDITION_SUSPENDED: Final = "Suspended"
 CONDITION_WAITING_FOR_CAPACITY: Final = "WaitingForCapacity"
 CONDITION_INVALID_SPEC: Final = "InvalidSpec"
+# True while the API server refuses to create the gang's pods (admission, validation, quota); its
+# lastTransitionTime is when the refusals began.
+CONDITION_POD_CREATE_FAILED: Final = "PodCreateFailed"
 
 # Why the job entered a phase (condition reasons and Event reasons).
 REASON_CREATED: Final = "Created"
@@ -143,6 +146,11 @@ REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 REASON_CAPACITY_TIMEOUT: Final = "CapacityTimeout"
 REASON_CAPACITY_AVAILABLE: Final = "CapacityAvailable"
 REASON_CONTAINER_CREATING: Final = "ContainerCreating"
+# A pod create the API refuses for good (the pod is invalid, or the namespace's Pod Security level forbids it) ...
+REASON_POD_REJECTED: Final = "PodRejected"
+# ... or for now (a missing PriorityClass or ServiceAccount, quota, RBAC): retried until startupDeadlineSeconds.
+REASON_FAILED_CREATE: Final = "FailedCreate"
+REASON_PODS_CREATED: Final = "PodsCreated"
 
 # Scheduler and cluster-autoscaler event reasons that mean "no room for the pod yet".
 CAPACITY_EVENT_REASONS: Final = frozenset({"FailedScheduling", "TriggeredScaleUp", "NotTriggerScaleUp"})

@@ -245,6 +245,26 @@ class _Status:
         return self.data
 
 
+# ---- pod creation refused by the API server ---------------------------------------------------------------
+
+
+def refusal_is_permanent(http_status: int, message: str) -> bool:
+    """Whether a refused pod create can never succeed for this spec: the pod is invalid (400, 422), or the
+    namespace's Pod Security level forbids it. Other refusals (a PriorityClass or ServiceAccount not created yet,
+    quota, RBAC) may pass later."""
+    return http_status in (400, 422) or (http_status == 403 and "violates PodSecurity" in message)
+
+
+def record_create_refusal(
+    status: Mapping[str, Any], http_status: int, message: str, now: datetime.datetime, generation: int
+) -> dict[str, Any]:
+    """The status with PodCreateFailed set from a refused pod create (reason PodRejected when permanent)."""
+    next_status = _Status(status, now, generation)
+    reason = c.REASON_POD_REJECTED if refusal_is_permanent(http_status, message) else c.REASON_FAILED_CREATE
+    next_status.set_condition(c.CONDITION_POD_CREATE_FAILED, True, reason, message)
+    return next_status.finalize()
+
+
 # ---- helpers for the steps -------------------------------------------------------------------------------
 
 
@@ -592,6 +612,24 @@ def decide(
             return done()
     if not current and any(v.active for v in stale):
         return done()
+
+    # 12a. Pods the API refused to create (the reconcile records the refusal in PodCreateFailed): a permanent
+    #      refusal fails the job at once, any other once startupDeadlineSeconds have passed since the first.
+    refused = status.condition(c.CONDITION_POD_CREATE_FAILED)
+    if refused is not None and refused.get("status") == "True":
+        if not missing:
+            status.clear_condition(c.CONDITION_POD_CREATE_FAILED, c.REASON_PODS_CREATED, "every pod was created")
+        else:
+            since = parse_time(refused.get("lastTransitionTime")) or now
+            deadline = since + datetime.timedelta(seconds=spec.startup_deadline_seconds)
+            reason = str(refused.get("reason") or c.REASON_FAILED_CREATE)
+            if reason == c.REASON_POD_REJECTED or now >= deadline:
+                waited = "" if reason == c.REASON_POD_REJECTED else (
+                    f" for {spec.startup_deadline_seconds}s (startupDeadlineSeconds)")
+                actions += _finish(status, views, spec.clean_pod_policy, succeeded=False, reason=reason,
+                                   message=f"The API server refused the pods{waited}: {refused.get('message', '')}")
+                return done()
+            requeue.append(deadline)
 
     # 12. Startup deadline: a scheduled pod that cannot start (image pulls, bad config refs, stuck creation).
     for pod in current:

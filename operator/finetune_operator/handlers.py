@@ -21,7 +21,15 @@ from typing import Any, Final, cast
 import kopf
 
 from finetune_operator import constants as c
-from finetune_operator.api import API_RBAC, PEERING_API_GROUP, KubeApi, Rule, load_connection, peering_rbac
+from finetune_operator.api import (
+    API_RBAC,
+    OWNER_RBAC,
+    PEERING_API_GROUP,
+    KubeApi,
+    Rule,
+    load_connection,
+    peering_rbac,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.peering import PeeringCheck
 from finetune_operator.reconcile import Reconciler
@@ -37,8 +45,8 @@ PODS = ("", "v1", "pods")
 
 # What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
 # (warnings and errors), watch CRDs to notice the FineTuneJob CRD change (cluster-scoped), and with peering list,
-# watch and patch (keep-alives) the peering object. It never lists namespaces: the watched ones are given by name,
-# and a cluster-wide kopf watches across all namespaces without them.
+# watch and patch (keep-alives) the peering object. A cluster-wide kopf watches across all namespaces and never
+# lists them; given namespaces by name, it lists and watches namespaces (KOPF_NAMESPACED_RBAC).
 KOPF_RBAC: Final[frozenset[Rule]] = frozenset({
     (c.GROUP, c.PLURAL, "list"),
     (c.GROUP, c.PLURAL, "watch"),
@@ -50,6 +58,12 @@ KOPF_CLUSTER_RBAC: Final[frozenset[Rule]] = frozenset({
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 })
+# Watching named namespaces (not cluster-wide), kopf also lists and watches namespaces to start and stop its
+# per-namespace watches; refused, it retries for about a minute before it falls back to the names it was given.
+KOPF_NAMESPACED_RBAC: Final[frozenset[Rule]] = frozenset({
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+})
 
 
 def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
@@ -59,7 +73,9 @@ def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
 
 def required_rbac(*, clusterwide: bool, peering: bool) -> frozenset[Rule]:
     """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC."""
-    rules = API_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
+    rules = API_RBAC | OWNER_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
+    if not clusterwide:
+        rules |= KOPF_NAMESPACED_RBAC
     if peering:
         rules |= peering_rbac(clusterwide) | kopf_peering_rbac(clusterwide)
     return rules

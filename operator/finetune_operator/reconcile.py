@@ -29,7 +29,15 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch_between
 from finetune_operator.builders import build_event
-from finetune_operator.decide import CreateChild, Decision, DeleteJob, DeletePod, decide, observe_pod
+from finetune_operator.decide import (
+    CreateChild,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    decide,
+    observe_pod,
+    record_create_refusal,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.settings import Settings
@@ -48,6 +56,10 @@ Clock = Callable[[], datetime.datetime]
 ProgressFetcher = Callable[[str, int], Awaitable[ProgressSample | None]]
 # Asked before each resync round; False pauses the resync (another replica works, see peering.PeeringCheck).
 ActiveCheck = Callable[[], Awaitable[bool]]
+
+
+class PodCreateRefused(ApiError):
+    """The API server refused a pod of the gang (admission, validation, quota, RBAC), not merely failed to answer."""
 
 
 def utc_now() -> datetime.datetime:
@@ -323,6 +335,12 @@ class Reconciler:
         # Act: deletes, then the Service and ConfigMap, then the pods; one status patch; the Events.
         errors = await self._act(body, decision, slot)
         status = decision.status
+        refusal = next((e for e in errors if isinstance(e, PodCreateRefused)), None)
+        if refusal is not None:
+            # The next pass's decide fails the job if this refusal is permanent or has lasted too long.
+            generation = int((body.get("metadata") or {}).get("generation") or 0)
+            status = record_create_refusal(status, refusal.status, refusal.message, now, generation)
+            self._schedule((namespace, name), slot, REQUEUE_MARGIN_SECONDS)
         if errors:
             status = {**status, "message": f"{status.get('message', '')}{API_ERROR_MARK}{errors[0]})"}
         patch = merge_patch_between(old_status, status)
@@ -367,7 +385,12 @@ class Reconciler:
             if action.update_existing:
                 await self.api.create_or_update_data(child)
                 return
-            created = await self.api.create(child)
+            try:
+                created = await self.api.create(child)
+            except ApiError as error:
+                if action.kind == "Pod" and 400 <= error.status < 500 and error.status not in (409, 429):
+                    raise PodCreateRefused(error.verb, error.status, error.message) from error
+                raise
             if created is not None and action.kind == "Pod":
                 # Our own ADDED event then needs no reconcile of its own.
                 slot.pods[action.name] = pod_fingerprint(created)

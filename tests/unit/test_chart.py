@@ -150,12 +150,15 @@ def triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str
 NAMESPACED_RULES = (
     triples("finetune.dev", ["finetunejobs"], ["get", "list", "watch", "delete"])
     | triples("finetune.dev", ["finetunejobs/status"], ["patch"])
-    | triples("", ["pods"], ["list", "watch", "create", "delete"])
-    | triples("", ["services"], ["create"])
-    | triples("", ["configmaps"], ["create", "patch"])
+    | triples("finetune.dev", ["finetunejobs/finalizers"], ["update"])
+    | triples("", ["pods"], ["get", "list", "watch", "create", "delete"])
+    | triples("", ["services"], ["get", "create"])
+    | triples("", ["configmaps"], ["get", "create", "patch"])
     | triples("", ["events"], ["create", "list"])
 )
 CRD_RULES = triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
+# kopf watching named namespaces lists and watches namespaces too.
+NAMESPACE_SCAN_RULES = triples("", ["namespaces"], ["list", "watch"])
 CLUSTER_PEERING_RULES = triples("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACED_PEERING_RULES = triples("kopf.dev", ["kopfpeerings"], ["get", "list", "watch", "patch"])
 
@@ -474,11 +477,13 @@ def test_should_grant_exactly_the_least_privilege_rules_when_rbac_scope_is_clust
     assert env_of(docs)["FINETUNE_NAMESPACES"] == ""
 
 
-def test_should_not_watch_namespaces_when_cluster_rbac_lists_namespaces(helm_bin: Path) -> None:
+def test_should_watch_only_the_listed_namespaces_when_cluster_rbac_lists_namespaces(helm_bin: Path) -> None:
     docs = render(helm_bin, "--set", "watchNamespaces={team-a,team-b}", "--set", "replicaCount=2")
     assert env_of(docs)["FINETUNE_NAMESPACES"] == "team-a,team-b"
-    # Kopf runs in namespaced mode then: it peers through KopfPeerings; the namespaces are given by name.
-    assert rule_set(one(docs, "ClusterRole")) == NAMESPACED_RULES | CRD_RULES | NAMESPACED_PEERING_RULES
+    # Kopf runs in namespaced mode then: it peers through KopfPeerings; the namespaces are given by name, and
+    # it reads the namespace list to start and stop its watches.
+    assert rule_set(one(docs, "ClusterRole")) == (
+        NAMESPACED_RULES | CRD_RULES | NAMESPACE_SCAN_RULES | NAMESPACED_PEERING_RULES)
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["team-a", "team-b"]
 
 
@@ -493,8 +498,8 @@ def test_should_create_a_role_in_each_watched_namespace_when_rbac_scope_is_names
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
-    # The one cluster-scoped grant: reading CRDs, which kopf scans.
-    assert rule_set(one(docs, "ClusterRole")) == CRD_RULES
+    # The one cluster-scoped grant: reading CRDs and namespaces, which kopf scans.
+    assert rule_set(one(docs, "ClusterRole")) == CRD_RULES | NAMESPACE_SCAN_RULES
     assert one(docs, "ClusterRoleBinding")["roleRef"]["name"] == f"{FULLNAME}-crds"
     assert env_of(docs)["FINETUNE_NAMESPACES"] == "team-a,team-b"
     assert load_settings([], environ=env_of(docs)).namespaces == ("team-a", "team-b")

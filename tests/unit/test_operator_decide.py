@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 from operator_factories import DELETE, FakeSettings, at, make_event, make_job, make_pod, ts
 
-from finetune_operator.decide import CreateChild, Decision, DeleteJob, DeletePod, EventToEmit, decide
+from finetune_operator.decide import (
+    CreateChild,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    EventToEmit,
+    decide,
+    record_create_refusal,
+    refusal_is_permanent,
+)
 from finetune_operator.progress import ProgressSample
 
 TWO_NODES = {"spec.distributed.nodes": 2}
@@ -522,6 +531,73 @@ def test_startup_deadline_not_reached_requeues_and_ignores_unscheduled_pods() ->
     decision = run(job, [make_pod(0), make_pod(1, node="n1", scheduled_at=5, waiting="ErrImagePull")], now=105)
     assert decision.status["phase"] == "Pending"
     assert decision.requeue_after == 200
+
+
+# ---- pods the API server refuses to create -------------------------------------------------------------------
+
+PSA = ('pods "job-a0-n0" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false')
+NO_PRIORITY_CLASS = 'pods "job-a0-n0" is forbidden: no PriorityClass with name urgent was found'
+
+
+@pytest.mark.parametrize(
+    ("http_status", "message", "permanent"),
+    [
+        pytest.param(422, 'Pod "job-a0-n0" is invalid: spec.tolerations[0].operator: Unsupported value', True,
+                     id="invalid"),
+        pytest.param(400, "bad request", True, id="bad-request"),
+        pytest.param(403, PSA, True, id="pod-security"),
+        pytest.param(403, NO_PRIORITY_CLASS, False, id="missing-priority-class"),
+        pytest.param(403, 'error looking up service account ns/trainer: serviceaccount "trainer" not found', False,
+                     id="missing-service-account"),
+        pytest.param(403, 'exceeded quota: gpus, requested: requests.nvidia.com/gpu=8', False, id="quota"),
+        pytest.param(403, 'User "system:serviceaccount:x:y" cannot create resource "pods"', False, id="rbac"),
+        pytest.param(404, 'namespaces "ns" not found', False, id="namespace-gone"),
+    ],
+)
+def test_which_refusals_are_permanent(http_status: int, message: str, permanent: bool) -> None:
+    assert refusal_is_permanent(http_status, message) is permanent
+
+
+def refused_job(http_status: int, message: str, since: float, **paths: Any) -> dict[str, Any]:
+    status = record_create_refusal({"phase": "Pending", "attempt": 0}, http_status, message, at(since), 1)
+    return make_job({**TWO_NODES, "spec.startupDeadlineSeconds": 300, "status": status}, **paths)
+
+
+def test_a_permanent_refusal_fails_the_job_at_once_with_the_apis_message() -> None:
+    decision = run(refused_job(403, PSA, since=99), [make_pod(1, node="n1")], now=100)
+    assert decision.status["phase"] == "Failed"
+    assert condition(decision, "Failed")["reason"] == "PodRejected"
+    assert decision.status["message"] == f"The API server refused the pods: {PSA}"
+    assert described(decision) == ["delete Pod job-a0-n1"]
+
+
+def test_a_passing_refusal_retries_the_create_until_the_startup_deadline() -> None:
+    decision = run(refused_job(403, NO_PRIORITY_CLASS, since=50), now=100)
+    assert decision.status["phase"] == "Pending"
+    assert "create Pod job-a0-n0" in described(decision)
+    assert decision.requeue_after == 250
+    assert condition(decision, "PodCreateFailed")["reason"] == "FailedCreate"
+
+
+def test_a_passing_refusal_fails_the_job_after_the_startup_deadline() -> None:
+    decision = run(refused_job(403, NO_PRIORITY_CLASS, since=50), now=350)
+    assert decision.status["phase"] == "Failed"
+    assert condition(decision, "Failed")["reason"] == "FailedCreate"
+    assert decision.status["message"] == (
+        f"The API server refused the pods for 300s (startupDeadlineSeconds): {NO_PRIORITY_CLASS}")
+
+
+def test_the_refusal_clears_once_every_pod_exists() -> None:
+    decision = run(refused_job(403, NO_PRIORITY_CLASS, since=50), [make_pod(0), make_pod(1)], now=100)
+    assert condition(decision, "PodCreateFailed")["status"] == "False"
+    assert condition(decision, "PodCreateFailed")["reason"] == "PodsCreated"
+    assert decision.status["phase"] == "Pending"
+
+
+def test_a_repeated_refusal_keeps_the_time_of_the_first() -> None:
+    first = record_create_refusal({}, 403, NO_PRIORITY_CLASS, at(50), 1)
+    again = record_create_refusal(first, 403, NO_PRIORITY_CLASS, at(90), 1)
+    assert again["conditions"][0]["lastTransitionTime"] == ts(50)
 
 
 # ---- capacity -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from operator_factories import at, make_job, make_pod
 from test_chart import helm_bin, of_kind, render, rule_set  # noqa: F401 (helm_bin is a fixture)
 
 from finetune_operator import handlers
-from finetune_operator.api import API_RBAC, KubeApi, Rule, peering_rbac
+from finetune_operator.api import API_RBAC, ApiError, KubeApi, Rule, peering_rbac
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.peering import PeeringCheck
 from finetune_operator.reconcile import Reconciler
@@ -32,7 +32,7 @@ CORE = re.compile(r"^/api/v1/namespaces/[^/]+/(?P<plural>[^/]+)(?:/(?P<name>[^/]
 GROUPED = re.compile(r"^/apis/(?P<group>[^/]+)/[^/]+(?:/namespaces/[^/]+)?/(?P<plural>[^/]+)"
                      r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
 # Resources only a ClusterRole can grant.
-CLUSTER_SCOPED = {"customresourcedefinitions", "clusterkopfpeerings"}
+CLUSTER_SCOPED = {"customresourcedefinitions", "clusterkopfpeerings", "namespaces"}
 
 
 def rule_of(method: str, path: str, params: Mapping[str, str] | None) -> Rule:
@@ -150,6 +150,7 @@ def public_methods() -> list[str]:
 
 JOBS = "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs"
 PODS = "/api/v1/namespaces/ns/pods"
+SERVICES = "/api/v1/namespaces/ns/services"
 EVENTS = "/api/v1/namespaces/ns/events"
 
 
@@ -174,6 +175,19 @@ def run_life_of_a_job() -> InMemoryApi:
             reconciler.job_seen(stored)
 
     async def life() -> None:
+        # A job of the same name was deleted and this one created: its Service and a pod are still there,
+        # waiting for the garbage collector. Neither is reused (the collector would delete it under this job).
+        predecessor = {"metadata": {"ownerReferences": [
+            {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "job", "uid": "old",
+             "controller": True}]}}
+        api.put(SERVICES, merge({"metadata": {"name": "job"}}, predecessor))
+        api.put(PODS, merge({"metadata": {"name": "job-a0-n0"}}, predecessor))
+        with pytest.raises(ApiError, match="belongs to FineTuneJob job uid old"):
+            await step()
+        del api.objects[(SERVICES, "job")]
+        with pytest.raises(ApiError, match="Pod ns/job-a0-n0 already exists"):
+            await step()
+        del api.objects[(PODS, "job-a0-n0")]
         await step()  # the gang of attempt 0; its pods are unscheduled ...
         assert sorted(api.items(PODS)) == ["job-a0-n0", "job-a0-n1"]
         api.put(EVENTS, {"metadata": {"name": "e1"}, "involvedObject": {"kind": "Pod", "name": "job-a0-n0"},

@@ -116,22 +116,28 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "delete"]
+# Children name their job as controller with blockOwnerDeletion (a foreground delete waits for the pods); the
+# OwnerReferencesPermissionEnforcement admission plugin requires this to let the operator set that flag.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # Status is written only by the operator, one merge patch of the status subresource per reconcile.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# One trainer pod per node of the gang: watched by kopf, listed per job, deleted when an attempt ends.
+# One trainer pod per node of the gang: watched by kopf, listed per job, deleted when an attempt ends. Children
+# are read only when a create finds the name taken, to never reuse another job's (a deleted job of the same name).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # The headless rendezvous Service of each job (the garbage collector deletes it with the job).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create"]
+  verbs: ["get", "create"]
 # The trainer config ConfigMap of each job, its data replaced for every new attempt.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 # Events: the job's own (kubectl describe), and reading the scheduler's FailedScheduling / TriggeredScaleUp
 # events of pending pods (WaitingForCapacity).
 - apiGroups: [""]
@@ -149,6 +155,12 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if not $clusterwide }}
+# Watching named namespaces, kopf lists and watches namespaces to start and stop its per-namespace watches.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- if and $clusterwide $peering }}
 # Peering between replicas in cluster-wide mode.
 - apiGroups: ["kopf.dev"]
