@@ -1,10 +1,11 @@
-"""P5, the operator on the local API emulator: FineTuneJob → pods latency, 200 jobs at once, RSS, API writes.
+"""P5, the operator on the real control plane: FineTuneJob → pods latency, 200 jobs at once, RSS, API writes.
 
     python -m bench.bench_operator [--jobs 50] [--burst 200] [--nodes 2]
 
-The emulator (``python -m localcluster.apiserver --no-kubelet``) and the operator (``python -m finetune_operator``)
-run as separate processes, as in a cluster; this process plays the user and the kubelet (it patches pod phases).
-Latency is from the POST of a FineTuneJob to the watch event of its last pod.
+etcd, kube-apiserver and kube-controller-manager (``localcluster.controlplane``; no scheduler) and the operator
+(``python -m finetune_operator`` with the chart's ServiceAccount and RBAC) run as separate processes, as in a
+cluster; this process plays the user and the kubelet (it patches pod phases as the admin). Latency is from the
+POST of a FineTuneJob to the watch event of its last pod.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from typing import Any
 
 import aiohttp
 import psutil
+
+from localcluster.chart import install_chart
+from localcluster.controlplane import ControlPlane
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOBS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
@@ -72,6 +76,8 @@ class Watch:
             async for raw in response.content:
                 if raw.strip():
                     event = json.loads(raw)
+                    if "type" not in event:
+                        raise RuntimeError(f"watch {self.url}: {event}")
                     self.on_event(event["type"], event["object"], time.perf_counter())
 
     def start(self) -> None:
@@ -91,6 +97,12 @@ async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
         await asyncio.sleep(0.002)
 
 
+def _running() -> dict[str, Any]:
+    """The trainer container's status as a kubelet reports it once started."""
+    return {"name": "trainer", "ready": True, "restartCount": 0, "image": "trainer", "imageID": "",
+            "state": {"running": {"startedAt": "2025-01-01T00:00:00Z"}}}
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
@@ -108,31 +120,25 @@ def _operator_metrics(port: int) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-operator-"))
-    kubeconfig = workdir / "kubeconfig"
-    api_port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    api_log = (workdir / "apiserver.log").open("wb")
-    apiserver = subprocess.Popen(
-        [sys.executable, "-m", "localcluster.apiserver", "--port", str(api_port), "--crds", str(REPO / "crds"),
-         "--kubeconfig", str(kubeconfig), "--no-kubelet"], env=env, stdout=subprocess.PIPE, stderr=api_log)
+    plane = ControlPlane(workdir / "control-plane", scheduler=False).start()
     operator: subprocess.Popen[bytes] | None = None
     rows: list[tuple[str, str, str, str]] = []
     try:
-        assert apiserver.stdout is not None
-        url = apiserver.stdout.readline().decode().strip()
-        if not url.startswith("http"):
-            raise RuntimeError(f"the API emulator did not start; see {workdir / 'apiserver.log'}")
+        kubeconfig = install_chart(plane, workdir / "operator.kubeconfig")
+        url = plane.url
         metrics_port, health_port = _free_port(), _free_port()
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(kubeconfig), "--bind-address",
              "127.0.0.1", "--metrics-port", str(metrics_port), "--health-port", str(health_port),
              "--log-level", "WARNING"],
             env=env, stdout=(workdir / "operator.log").open("wb"), stderr=subprocess.STDOUT)
-        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=100)) as session:
+        connector = aiohttp.TCPConnector(limit=100, ssl=plane.admin_tls)
+        async with aiohttp.ClientSession(url, connector=connector) as session:
             deadline = time.perf_counter() + 60
             while True:
                 try:
-                    async with session.get(f"http://127.0.0.1:{health_port}/healthz") as response:
+                    async with aiohttp.request("GET", f"http://127.0.0.1:{health_port}/healthz") as response:
                         if response.status == 200:
                             break
                 except aiohttp.ClientError:
@@ -162,6 +168,13 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 async with session.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
                                                                     "metadata": {"name": name}}) as response:
                     response.raise_for_status()
+                # Pods are refused until the namespace's default ServiceAccount exists.
+                for _ in range(300):
+                    async with session.get(f"/api/v1/namespaces/{name}/serviceaccounts/default") as response:
+                        if response.status == 200:
+                            return
+                    await asyncio.sleep(0.1)
+                raise RuntimeError(f"namespace {name} got no default ServiceAccount")
 
             async def create(ns: str, name: str) -> float:
                 started = time.perf_counter()
@@ -209,7 +222,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             with_pods = time.perf_counter() - started
             running_started = time.perf_counter()
             await asyncio.gather(*(
-                patch_pod("burst", f"{name}-a0-n{rank}", {"phase": "Running", "podIP": "10.0.0.1"})
+                patch_pod("burst", f"{name}-a0-n{rank}", {"phase": "Running", "podIP": "10.0.0.1",
+                                                          "containerStatuses": [_running()]})
                 for name in names for rank in range(args.nodes)
             ))
             await _until(lambda: all(phases.get(name) == "Running" for name in names), 120, "the burst Running")
@@ -232,12 +246,15 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             lifecycle = [f"life-{i}" for i in range(10)]
             await asyncio.gather(*(create("life", name) for name in lifecycle))
             await _until(lambda: all(name in pod_times for name in lifecycle), 30, "lifecycle pods")
-            await asyncio.gather(*(patch_pod("life", f"{name}-a0-n{rank}", {"phase": "Running"})
-                                   for name in lifecycle for rank in range(args.nodes)))
+            await asyncio.gather(*(
+                patch_pod("life", f"{name}-a0-n{rank}", {"phase": "Running", "containerStatuses": [_running()]})
+                for name in lifecycle for rank in range(args.nodes)
+            ))
             await _until(lambda: all(phases.get(name) == "Running" for name in lifecycle), 30, "lifecycle Running")
-            terminated = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+            terminated = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2025-01-01T00:00:00Z",
+                                         "finishedAt": "2025-01-01T00:01:00Z"}}
             await asyncio.gather(*(patch_pod("life", f"{name}-a0-n0", {
-                "phase": "Succeeded", "containerStatuses": [{"name": "trainer", "state": terminated}]})
+                "phase": "Succeeded", "containerStatuses": [{**_running(), "state": terminated, "ready": False}]})
                 for name in lifecycle))
             await _until(lambda: all(phases.get(name) == "Succeeded" for name in lifecycle), 30, "Succeeded")
             await asyncio.sleep(1.0)
@@ -265,12 +282,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 operator.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 operator.kill()
-        apiserver.terminate()
-        try:
-            apiserver.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            apiserver.kill()
-        api_log.close()
+        plane.stop()
     return rows
 
 

@@ -1,1 +1,1 @@
-"""One-machine stand-in for Kubernetes: API server emulator, process kubelet, SeaweedFS and Prometheus."""
+"""Kubernetes on one machine: the real control plane, a process kubelet, SeaweedFS, Prometheus and the operator."""

@@ -23,7 +23,8 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(work_dir, gpus=args.gpus, with_operator=not args.no_operator) as cluster:
         print(f"kubeconfig:   {cluster.kubeconfig}    (export KUBECONFIG={cluster.kubeconfig})")
-        print(f"API server:   {cluster.server.url if cluster.server else '?'}")
+        version = cluster.control_plane.version if cluster.control_plane else "?"
+        print(f"API server:   {cluster.url} (Kubernetes {version}; the operator runs as {cluster.operator_identity})")
         print(f"S3 endpoint:  {cluster.s3.endpoint_url}  (credentials in Secret default/{CREDENTIALS_SECRET})")
         if cluster.prometheus:
             print(f"Prometheus:   {cluster.prometheus.url}")

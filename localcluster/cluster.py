@@ -1,8 +1,17 @@
-"""The whole local cluster in one object: API server, kubelet, SeaweedFS, Prometheus, and the real operator.
+"""The whole local cluster in one object: the real control plane, a kubelet, SeaweedFS, Prometheus, the operator.
 
     with LocalCluster(work_dir) as cluster:
         cluster.kubectl("apply", "-f", "examples/tiny-cpu.yaml")
         cluster.wait_for_job("tiny-cpu", phases={"Succeeded"})
+
+How it is put together, as a platform team would install the product on a real cluster:
+- etcd, kube-apiserver, kube-controller-manager and kube-scheduler (``controlplane.py``), with ``kubeconfig`` the
+  cluster admin's (for people, kubectl and helm);
+- the chart, rendered by ``helm template`` and applied by kubectl (CRD through the real apiextensions server,
+  ServiceAccount, RBAC); its Deployment is scaled to zero because this machine has no container runtime: the
+  operator runs as a subprocess of this one with a token of the chart's ServiceAccount (``operator.kubeconfig``),
+  so it has exactly the chart's permissions, never admin's;
+- the jobs' namespace (``default``) enforces the ``restricted`` Pod Security Standard.
 
 What the local cluster translates so that the operator and the trainer run unchanged:
 - The node's environment gives every pod ``AWS_ENDPOINT_URL_S3`` and ``AWS_REGION`` pointing at SeaweedFS, the
@@ -11,6 +20,7 @@ What the local cluster translates so that the operator and the trainer run uncha
 - Pods are processes in their own mount and UTS namespaces with their own loopback address, hostname and
   ``/etc/hosts`` (``kubelet_sandbox.py``), so headless-Service DNS names resolve as in a cluster.
 - The operator runs as a subprocess of this one (``python -m finetune_operator``) with an explicit kubeconfig.
+- Nodes are processes: the kubelet (``kubelet.py``) registers ``localnode`` and runs what the scheduler binds to it.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from localcluster.apiserver import APIServer, running_apiserver, write_kubeconfig
+from localcluster.chart import OPERATOR_USER, install_chart
+from localcluster.controlplane import ControlPlane
 from localcluster.kubelet import Kubelet
 from localcluster.processes import log_tail, stop_process_group
 from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
@@ -38,6 +49,7 @@ from localcluster.seaweedfs import SeaweedFS, free_ports
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
 NAMESPACE = "default"
+NODE_NAME = "localnode"
 CREDENTIALS_SECRET = "s3-credentials"
 REGION = "us-east-1"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -81,8 +93,9 @@ class LocalCluster:
         self.operator_args = list(operator_args)
         self.quiet = quiet
         self.kubeconfig = self.work_dir / "kubeconfig"
+        self.operator_kubeconfig = self.work_dir / "operator.kubeconfig"
         self.s3 = SeaweedFS(self.work_dir / "s3")
-        self.server: APIServer | None = None
+        self.control_plane: ControlPlane | None = None
         self.kubelet: Kubelet | None = None
         self.prometheus: Prometheus | None = None
         self.pushgateway: Pushgateway | None = None
@@ -98,20 +111,27 @@ class LocalCluster:
         try:
             self.s3.start()
             self._stack.callback(self.s3.stop)
-            self.server = self._stack.enter_context(running_apiserver(crds=CRDS, kubeconfig=self.kubeconfig))
-            write_kubeconfig(self.kubeconfig, self.server.url, namespace=NAMESPACE)
+            plane = self.control_plane = self._stack.enter_context(
+                ControlPlane(self.work_dir / "control-plane", node_names=(NODE_NAME,))
+            )
+            shutil.copyfile(plane.admin_kubeconfig, self.kubeconfig)
+            self.kubeconfig.chmod(0o600)
             node_env = {"AWS_ENDPOINT_URL_S3": self.s3.endpoint_url, "AWS_REGION": REGION}
             self.kubelet = self._stack.enter_context(
                 Kubelet(
-                    self.server.url,
+                    plane.url,
+                    plane.node_credentials(NODE_NAME),
                     self.work_dir / "kubelet",
                     self.cpu,
                     self.memory,
                     self.gpus,
+                    node_name=NODE_NAME,
                     extra_env=node_env,
-                    log_server=self.server,
+                    version=plane.version,
                 )
             )
+            self._prepare_namespace()
+            self._install_chart()
             self._create_credentials_secret()
             if self.with_prometheus:
                 self._start_prometheus()
@@ -149,6 +169,36 @@ class LocalCluster:
             )
         )
 
+    @property
+    def operator_identity(self) -> str:
+        return OPERATOR_USER
+
+    @property
+    def url(self) -> str:
+        """The API server's URL."""
+        assert self.control_plane is not None, "start() first"
+        return self.control_plane.url
+
+    def _prepare_namespace(self) -> None:
+        """The jobs' namespace enforces the restricted Pod Security Standard; pods can be created in it once the
+        service-account controller has made its ``default`` ServiceAccount (admission refuses them before)."""
+        self.kubectl("label", "namespace", NAMESPACE, "--overwrite",
+                     "pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted")
+        self.wait_for_object("serviceaccount", "default", NAMESPACE)
+
+    def wait_for_object(self, kind: str, name: str, namespace: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.kubectl("get", kind, name, "-n", namespace, "--ignore-not-found", "-o", "name").strip() == "":
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{kind} {namespace}/{name} did not appear in {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _install_chart(self) -> None:
+        """The chart with Role-scoped RBAC for ``default`` only, and the operator's token kubeconfig."""
+        assert self.control_plane is not None
+        install_chart(self.control_plane, self.operator_kubeconfig,
+                      ["rbac.scope=namespace", f"watchNamespaces={{{NAMESPACE}}}"], namespace=NAMESPACE)
+
     def _create_credentials_secret(self) -> None:
         data = {"AWS_ACCESS_KEY_ID": self.s3.access_key, "AWS_SECRET_ACCESS_KEY": self.s3.secret_key}
         secret = {
@@ -171,7 +221,7 @@ class LocalCluster:
             "-m",
             "finetune_operator",
             "--kubeconfig",
-            str(self.kubeconfig),
+            str(self.operator_kubeconfig),
             "--namespace",
             NAMESPACE,
             "--metrics-port",
@@ -185,7 +235,8 @@ class LocalCluster:
             "2",
             *self.operator_args,
         ]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"}
+        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig),
+               "FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"}
         log = self.operator_log.open("ab")
         self.operator = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
@@ -220,12 +271,11 @@ class LocalCluster:
     # --- helpers for people and tests ----------------------------------------------------------------------
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
-        """Run the real kubectl against this cluster; returns stdout (raises with stderr on failure)."""
-        kubectl = shutil.which("kubectl")
-        if kubectl is None:
-            raise ClusterError("kubectl is not on PATH")
+        """Run kubectl (the control plane's release) as the cluster admin; returns stdout (raises with stderr on
+        failure)."""
+        assert self.control_plane is not None, "start() first"
         command = [
-            kubectl,
+            str(self.control_plane.kubectl_path),
             "--kubeconfig",
             str(self.kubeconfig),
             "--cache-dir",

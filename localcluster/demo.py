@@ -146,7 +146,8 @@ def run(keep: bool = False) -> int:
     try:
         with LocalCluster(work_dir) as cluster:
             say(
-                f"API server {cluster.server.url if cluster.server else '?'}, S3 {cluster.s3.endpoint_url}, "
+                f"Kubernetes {cluster.control_plane.version if cluster.control_plane else '?'} at {cluster.url}, "
+                f"S3 {cluster.s3.endpoint_url}, "
                 f"kubeconfig {cluster.kubeconfig}"
                 + (f", Prometheus {cluster.prometheus.url}" if cluster.prometheus else "")
             )

@@ -1,32 +1,36 @@
-"""A process kubelet and scheduler for one node: binds Pods, runs their containers as isolated local processes.
+"""A process kubelet: the node agent of the local control plane, running its pods as isolated local processes.
 
-It talks to the API server only over HTTP (list/watch, binding, status subresource, events, DELETE), so it works
-against any API server. Per pod it
-  - schedules: requests (limits when requests are absent) of cpu, memory and nvidia.com/gpu against what is left
-    on the node, nodeSelector / required node affinity, taints; else PodScheduled=False/Unschedulable and a
-    rate-limited FailedScheduling event worded like the real scheduler's;
-  - gives the pod its own loopback address (127.0.0.2, ...) at bind time, so headless-Service peers can resolve
-    it at once through their hosts files (kubelet_sandbox.py explains the isolation);
-  - materialises configMap, secret, downwardAPI, projected, emptyDir, hostPath and PVC volumes into the pod folder,
-    resolves env (value, secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef, envFrom) with `$(VAR)`
-    expansion, and runs `command` + `args` with PATH starting with this interpreter's bin dir (the image is
-    ignored);
+It is one Node of the real API server, identified by a client certificate as ``system:node:<name>`` (so the Node
+authorizer and NodeRestriction bound what it may read and write), and it
+  - registers its Node (cpu, memory, nvidia.com/gpu, pods), renews its Lease in ``kube-node-lease`` every 10 s and
+    keeps its Ready condition fresh, so the node-lifecycle controller never taints or evicts it;
+  - runs only the pods the real scheduler bound to it (a watch narrowed by ``spec.nodeName``), each with its own
+    loopback address (127.0.0.2, ...), so headless-Service peers resolve it through their hosts files
+    (kubelet_sandbox.py explains the isolation);
+  - materialises configMap, secret, downwardAPI, projected (service-account tokens from the TokenRequest API
+    included), emptyDir, hostPath and PVC volumes into the pod folder, resolves env (value, secretKeyRef,
+    configMapKeyRef, fieldRef, resourceFieldRef, envFrom) with `$(VAR)` expansion, and runs `command` + `args`
+    with PATH starting with this interpreter's bin dir (the image is ignored);
   - reports phase, conditions, containerStatuses (exit codes, termination messages, restarts) through the status
     subresource, and emits the kubelet's usual events;
+  - serves ``/containerLogs`` over HTTPS to the API server (client certificates from the cluster CA only), so
+    ``kubectl logs`` and ``kubectl logs -f`` work as on a real node;
   - on deletion sends SIGTERM to the process group, SIGKILL after the grace period, then DELETEs the pod with
     gracePeriodSeconds=0;
   - keeps a Prometheus file_sd file of pods annotated prometheus.io/scrape.
-Not emulated: resource limits (no cgroups), probes (a running container is ready), image pulls, more than one
-regular container per pod, sidecar init containers, a network namespace (pods share the host's ports).
+Not emulated: resource limits (no cgroups), probes (a running container is ready), image pulls, the user a
+container runs as, more than one regular container per pod, sidecar init containers, a network namespace (pods
+share the host's ports).
 
-    with Kubelet(server.url, tmp_path / "kubelet", cpu="8", memory="32Gi", gpus=2) as kubelet:
-        ...  # pods created through the API now run
+    with Kubelet(plane.url, NodeCredentials(...), tmp_path / "kubelet", cpu="8", memory="32Gi", gpus=2):
+        ...  # pods the scheduler binds to "localnode" now run
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ipaddress
 import json
 import logging
@@ -42,22 +46,19 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from localcluster.kubelet_api import APIStatusError, KubeAPI, inform
 from localcluster.kubelet_pods import (
     GPU_RESOURCE,
     NODE_NAME,
-    SCHEDULER_NAME,
     ContainerConfigError,
     PodContext,
     Resources,
-    add,
     condition,
     exit_code_of,
     expand,
-    failed_scheduling_message,
     file_sd_targets,
     format_quantity,
     headless_records,
@@ -70,12 +71,12 @@ from localcluster.kubelet_pods import (
     referenced_objects,
     resolve_env,
     safe_relative,
-    subtract,
     termination_message,
-    unschedulable_reasons,
+    token_requests,
     volume_files,
 )
 from localcluster.kubelet_sandbox import BindMount, check_unshare, create_mount_point, sandbox_command
+from localcluster.kubelet_server import KubeletServer, NodeCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ CONFIG_RETRY_S = 1.0
 # The real kubelet backs off 10 s doubling to 5 min; shorter here so local restarts stay quick.
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 DEFAULT_GRACE_S = 30
-SCHEDULE_PERIOD_S = 1.0
+LEASE_DURATION_S = 40
+LEASE_RENEW_S = 10.0
+NODE_STATUS_S = 60.0
+NODE_LEASE_NAMESPACE = "kube-node-lease"
 MEMORY_VOLUMES = Path("/dev/shm/localkubelet")
 # Names the kubelet's own environment must not hand to pods: the pod spec alone decides credentials, cluster
 # access and distributed-training variables, as on a real node.
@@ -94,12 +98,6 @@ ENV_DENYLIST = frozenset({
     "KUBECONFIG", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
     "GROUP_RANK", "NODE_RANK", "CUDA_VISIBLE_DEVICES", "VIRTUAL_ENV", "PYTHONHOME",
 })
-
-
-class LogServer(Protocol):
-    """An API server in this process that can serve `kubectl logs` from the kubelet (localcluster.apiserver)."""
-
-    def set_log_provider(self, provider: Any) -> None: ...
 
 
 @dataclass
@@ -172,6 +170,7 @@ class Kubelet:
     def __init__(
         self,
         api_url: str,
+        credentials: NodeCredentials,
         work_dir: Path,
         cpu: str = "2",
         memory: str = "24Gi",
@@ -181,12 +180,12 @@ class Kubelet:
         labels: Mapping[str, str] | None = None,
         taints: Sequence[Mapping[str, Any]] = (),
         extra_env: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-        log_server: LogServer | None = None,
+        version: str = "v0.0.0",
     ) -> None:
-        """`log_server`: the API server object when it runs in this process, to serve `kubectl logs`."""
-        self.log_server = log_server
+        """`credentials`: the node's client certificate (to the API server) and serving certificate (to it)."""
         self.api_url = api_url.rstrip("/")
+        self.credentials = credentials
+        self.version = version
         self.work_dir = Path(work_dir).resolve()
         self.node_name = node_name
         self.capacity: Resources = {
@@ -207,16 +206,15 @@ class Kubelet:
         self.extra_env = dict(extra_env or {})
         self.file_sd_path = self.work_dir / "prometheus" / "pods.json"
         self.venv_bin = str(Path(sys.executable).parent)
-        self._api = KubeAPI(self.api_url, headers)
+        self._node_conditions: list[dict[str, Any]] = []
+        self._node_uid = ""
+        self._api = KubeAPI(self.api_url, credentials.client_context())
+        self._log_server = KubeletServer(self.log_provider, credentials.server_context())
         self._records: dict[str, PodRecord] = {}
         self._pods: dict[str, dict[str, Any]] = {}  # every pod in the cluster by uid, from the watch
         self._services: dict[tuple[str, str], dict[str, Any]] = {}
         self._ips_in_use: set[str] = set()
         self._gpus_in_use: set[int] = set()
-        self._schedule_wakeup = asyncio.Event()
-        self._scheduling_notes: dict[str, tuple[str, float, str | None, int]] = {}
-        self._binding: set[str] = set()
-        self._binding_supported = True
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._created_paths: list[Path] = []
@@ -232,7 +230,6 @@ class Kubelet:
     async def start(self) -> None:
         """Register the node, start watching, and return once pods and services are listed."""
         self._loop = asyncio.get_running_loop()
-        self._schedule_wakeup = asyncio.Event()
         (self.work_dir / "pods").mkdir(parents=True, exist_ok=True)
         self.file_sd_path.parent.mkdir(parents=True, exist_ok=True)
         self._write_file_sd()
@@ -240,23 +237,22 @@ class Kubelet:
         if self._sandbox_error:
             logger.error("%s", self._sandbox_error)
         await self._api.open()
+        await self._log_server.start()
         await self._register_node()
         pods_synced, services_synced = asyncio.Event(), asyncio.Event()
         self._tasks = [
             asyncio.create_task(inform(self._api, "/api/v1/services", self._on_service, services_synced)),
-            asyncio.create_task(inform(self._api, "/api/v1/pods", self._on_pod, pods_synced)),
-            asyncio.create_task(self._schedule_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
+            # Like the real kubelet: only the pods bound to this node, never the whole cluster's.
+            asyncio.create_task(inform(self._api, "/api/v1/pods", self._on_pod, pods_synced,
+                                       {"fieldSelector": f"spec.nodeName={self.node_name}"})),
+            asyncio.create_task(self._lease_loop()),
+            asyncio.create_task(self._node_status_loop()),
         ]
         await asyncio.wait_for(asyncio.gather(pods_synced.wait(), services_synced.wait()), timeout=30)
-        if self.log_server is not None:
-            self.log_server.set_log_provider(self.log_provider)
 
     async def stop(self) -> None:
         """Kill every process this kubelet started (SIGTERM, then SIGKILL after 5 s) and wait for them."""
         self._stopping = True
-        if self.log_server is not None:
-            self.log_server.set_log_provider(None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -270,7 +266,10 @@ class Kubelet:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._log_server.stop()
         await self._api.close()
+        # TLS connections finish closing on the loop's next turns (aiohttp's documented grace for SSL).
+        await asyncio.sleep(0.25)
         for record in self._records.values():
             # Memory-backed emptyDirs would otherwise hold RAM after the kubelet is gone.
             shutil.rmtree(MEMORY_VOLUMES / record.uid, ignore_errors=True)
@@ -352,13 +351,15 @@ class Kubelet:
     def log_provider(
         self, namespace: str, name: str, container: str, follow: bool, tail_lines: int | None
     ) -> bytes | AsyncIterator[bytes] | None:
-        """For APIServer.set_log_provider: reads the log files only, so it is safe on the server's loop."""
+        """For the kubelet's HTTPS server: reads the log files only."""
         record = self._find(namespace, name)
         if record is None:
             return None
         run = record.containers.get(container) or record.init_containers.get(container)
-        if run is None or run.log_path is None or not run.log_path.exists():
+        if run is None:
             return None
+        if run.log_path is None or not run.log_path.exists():
+            return b""  # known but not started yet: an empty log, as from a real kubelet
         path = run.log_path
         if not follow:
             return _tail(path.read_bytes(), tail_lines)
@@ -375,29 +376,33 @@ class Kubelet:
             "pods": "250",
             "ephemeral-storage": f"{shutil.disk_usage(self.work_dir).total // 1024}Ki",
         }
+        previous = {c["type"]: c for c in self._node_conditions}
+        conditions = []
+        for kind, status, reason, message in (
+            ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            ("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+        ):
+            same = previous.get(kind, {}).get("status") == status
+            transition = previous[kind]["lastTransitionTime"] if same else now
+            conditions.append({"type": kind, "status": status, "reason": reason, "message": message,
+                               "lastHeartbeatTime": now, "lastTransitionTime": transition})
+        self._node_conditions = conditions
         return {
             "capacity": quantities,
             "allocatable": quantities,
-            "conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "kubelet is posting ready status", "lastHeartbeatTime": now,
-                 "lastTransitionTime": now},
-                *[
-                    {"type": kind, "status": "False", "reason": f"KubeletHas{reason}", "message": "",
-                     "lastHeartbeatTime": now, "lastTransitionTime": now}
-                    for kind, reason in (("MemoryPressure", "SufficientMemory"),
-                                         ("DiskPressure", "NoDiskPressure"), ("PIDPressure", "SufficientPID"))
-                ],
-            ],
+            "conditions": conditions,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                           {"type": "Hostname", "address": self.node_name}],
             "nodeInfo": {
-                "architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "v1.32.0-localcluster",
+                "architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": self.version,
                 "containerRuntimeVersion": "local-process://1", "kernelVersion": os.uname().release,
                 "osImage": "local processes", "kubeProxyVersion": "", "machineID": "", "systemUUID": "",
                 "bootID": "",
             },
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            # Where the API server reaches this kubelet for logs.
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._log_server.port}},
         }
 
     async def _register_node(self) -> None:
@@ -409,21 +414,46 @@ class Kubelet:
         }
         path = f"/api/v1/nodes/{self.node_name}"
         try:
-            await self._api.create("/api/v1/nodes", node)
+            created = await self._api.create("/api/v1/nodes", node)
         except APIStatusError as error:
             if error.status != 409:
                 raise
-            await self._api.merge_patch(path, {"metadata": {"labels": self.labels}, "spec": node["spec"]})
+            # Registered before (a restarted kubelet): NodeRestriction lets a node change its labels, not taints.
+            created = await self._api.merge_patch(path, {"metadata": {"labels": self.labels}}) or {}
+        self._node_uid = str(created.get("metadata", {}).get("uid", ""))
         await self._api.merge_patch(path + "/status", {"status": self._node_status()})
+        await self._renew_lease()
 
-    async def _heartbeat_loop(self) -> None:
+    async def _renew_lease(self) -> None:
+        """Create or renew the node's Lease: the heartbeat the node-lifecycle controller reads."""
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases"
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        spec = {"holderIdentity": self.node_name, "leaseDurationSeconds": LEASE_DURATION_S, "renewTime": now}
+        if await self._api.merge_patch(f"{path}/{self.node_name}", {"spec": spec}) is not None:
+            return
+        owner = {"apiVersion": "v1", "kind": "Node", "name": self.node_name, "uid": self._node_uid}
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": self.node_name, "namespace": NODE_LEASE_NAMESPACE, "ownerReferences": [owner]},
+                 "spec": spec}
+        with contextlib.suppress(APIStatusError):  # a 409 means another renewal won the race, which is as good
+            await self._api.create(path, lease)
+
+    async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(30)
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                await self._renew_lease()
+            except Exception as error:  # the next renewal tries again, well inside the lease's duration
+                logger.warning("node lease not renewed: %r", error)
+
+    async def _node_status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(NODE_STATUS_S)
             try:
                 await self._api.merge_patch(f"/api/v1/nodes/{self.node_name}/status",
                                             {"status": self._node_status()})
-            except Exception as error:  # the next beat tries again
-                logger.warning("node heartbeat failed: %r", error)
+            except Exception as error:  # the next report tries again
+                logger.warning("node status not reported: %r", error)
 
     # ---- watches -------------------------------------------------------------------------------------
 
@@ -466,13 +496,9 @@ class Kubelet:
                 self._request_termination(record, "gone", 0)
                 if record.task is None or record.task.done():
                     self._forget(record)
-            self._scheduling_notes.pop(uid, None)
-            self._schedule_wakeup.set()
             return
         self._pods[uid] = obj
         spec = obj.get("spec") or {}
-        if uid in self._binding:
-            return  # _bind makes the record once the API server has answered
         record = self._records.get(uid)
         if record is not None:
             record.pod = {**obj, "status": record.pod.get("status")}
@@ -484,12 +510,10 @@ class Kubelet:
             return
         if spec.get("nodeName") == self.node_name:
             self._adopt(obj)
-        elif not spec.get("nodeName"):
-            self._schedule_wakeup.set()
 
     def _adopt(self, pod: dict[str, Any]) -> None:
-        """A pod bound to this node that this kubelet has no record of (bound by someone else, or before a
-        restart of the kubelet)."""
+        """A pod bound to this node that this kubelet has no record of: newly bound by the scheduler, or bound
+        before a restart of the kubelet."""
         phase = (pod.get("status") or {}).get("phase")
         deleting = bool(pod["metadata"].get("deletionTimestamp"))
         if phase in TERMINAL_PHASES:
@@ -510,127 +534,6 @@ class Kubelet:
         path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
         with contextlib.suppress(APIStatusError):
             await self._api.delete(path, _delete_now(meta["uid"]))
-
-    # ---- scheduling ----------------------------------------------------------------------------------
-
-    def _free(self) -> Resources:
-        used: Resources = {}
-        for record in self._records.values():
-            if not record.terminal:
-                used = add(used, record.requests)
-        return subtract(self.capacity, used)
-
-    async def _schedule_loop(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._schedule_wakeup.wait(), SCHEDULE_PERIOD_S)
-            self._schedule_wakeup.clear()
-            try:
-                await self._schedule_pass()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("scheduling pass failed")
-
-    def _pending(self) -> list[dict[str, Any]]:
-        pending = []
-        for pod in self._pods.values():
-            spec = pod.get("spec") or {}
-            if spec.get("nodeName") or pod["metadata"]["uid"] in self._records:
-                continue
-            if pod["metadata"].get("deletionTimestamp"):
-                continue
-            if (pod.get("status") or {}).get("phase") in TERMINAL_PHASES:
-                continue
-            if (spec.get("schedulerName") or SCHEDULER_NAME) != SCHEDULER_NAME or spec.get("schedulingGates"):
-                continue
-            pending.append(pod)
-        return sorted(pending, key=lambda p: (-int((p.get("spec") or {}).get("priority") or 0),
-                                              p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))
-
-    async def _schedule_pass(self) -> None:
-        free = self._free()
-        for pod in self._pending():
-            uid = pod["metadata"]["uid"]
-            reasons = unschedulable_reasons(pod, free, self.labels, self.taints, self.node_name)
-            if reasons:
-                await self._note_unschedulable(pod, failed_scheduling_message(reasons))
-                continue
-            record = await self._bind(pod)
-            if record is not None:
-                free = subtract(free, record.requests)
-                self._scheduling_notes.pop(uid, None)
-
-    async def _bind(self, pod: dict[str, Any]) -> PodRecord | None:
-        meta = pod["metadata"]
-        namespace, name = meta.get("namespace", "default"), meta["name"]
-        binding = {
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, "uid": meta["uid"]},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
-        }
-        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
-        self._binding.add(meta["uid"])
-        try:
-            return await self._bind_with(pod, path, binding)
-        finally:
-            self._binding.discard(meta["uid"])
-
-    async def _bind_with(self, pod: dict[str, Any], path: str, binding: dict[str, Any]) -> PodRecord | None:
-        meta = pod["metadata"]
-        namespace, name = meta.get("namespace", "default"), meta["name"]
-        try:
-            if self._binding_supported:
-                await self._api.create(path + "/binding", binding)
-        except APIStatusError as error:
-            missing = error.status == 405 or (error.status == 404 and await self._api.get(path) is not None)
-            if not missing:
-                if error.status not in (404, 409):
-                    logger.error("binding %s/%s failed: %s", namespace, name, error)
-                return None
-            # An API server without pods/binding (spec.nodeName cannot be patched): the pod is bound here
-            # only, and keeps an empty spec.nodeName in the API.
-            logger.warning("the API server has no pods/binding subresource; pods are bound locally only")
-            self._binding_supported = False
-        latest = self._pods.get(meta["uid"])
-        if latest is None:
-            return None  # deleted while binding
-        bound = {**latest, "spec": {**latest.get("spec", {}), "nodeName": self.node_name}}
-        self._pods[meta["uid"]] = bound
-        record = self._new_record(bound)
-        record.conditions = [condition("PodScheduled", True, (pod.get("status") or {}).get("conditions") or [])]
-        self._event(bound, "Scheduled", f"Successfully assigned {namespace}/{name} to {self.node_name}",
-                    component="default-scheduler")
-        record.task = asyncio.create_task(self._lifecycle(record))
-        if bound["metadata"].get("deletionTimestamp"):
-            self._request_termination(record, "delete", 0)
-        return record
-
-    async def _note_unschedulable(self, pod: dict[str, Any], message: str) -> None:
-        uid = pod["metadata"]["uid"]
-        now = time.monotonic()
-        last_message, last_time, event_name, count = self._scheduling_notes.get(uid, ("", 0.0, None, 0))
-        if message != last_message:
-            previous = (pod.get("status") or {}).get("conditions") or []
-            status = {
-                "phase": "Pending",
-                "conditions": [condition("PodScheduled", False, previous, "Unschedulable", message)],
-            }
-            meta = pod["metadata"]
-            with contextlib.suppress(APIStatusError):
-                await self._api.merge_patch(
-                    f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status",
-                    {"status": status},
-                )
-        if message == last_message and now - last_time < FAILED_SCHEDULING_INTERVAL_S:
-            return
-        if event_name is not None and message == last_message:
-            # A repeat is counted on the same event, like the real event recorder's aggregation.
-            self._spawn(self._bump_event(pod, event_name, count + 1))
-            self._scheduling_notes[uid] = (message, now, event_name, count + 1)
-            return
-        event_name = self._event(pod, "FailedScheduling", message, "Warning", component="default-scheduler")
-        self._scheduling_notes[uid] = (message, now, event_name, 1)
 
     # ---- pod records ---------------------------------------------------------------------------------
 
@@ -677,7 +580,6 @@ class Kubelet:
         shutil.rmtree(MEMORY_VOLUMES / record.uid, ignore_errors=True)
         self._refresh_hosts(record.namespace)
         self._write_file_sd()
-        self._schedule_wakeup.set()
 
     def _request_termination(self, record: PodRecord, kind: str, grace: float, message: str = "") -> None:
         if record.termination is not None:
@@ -755,7 +657,6 @@ class Kubelet:
                 record.phase = "Succeeded" if code == 0 else "Failed"
                 await self._write_status(record)
                 self._write_file_sd()
-                self._schedule_wakeup.set()
                 return
             if not await self._back_off(record, run):
                 return
@@ -767,6 +668,7 @@ class Kubelet:
         while record.termination is None:
             try:
                 configmaps, secrets = await self._fetch_references(record.pod)
+                await self._request_tokens(record.pod, context)
                 self._materialise_volumes(record, context, configmaps, secrets)
                 for container in [*(record.pod["spec"].get("initContainers") or []),
                                   *record.pod["spec"]["containers"]]:
@@ -788,6 +690,22 @@ class Kubelet:
                 await asyncio.wait_for(record.terminate.wait(), CONFIG_RETRY_S)
         return None
 
+    async def _request_tokens(self, pod: dict[str, Any], context: PodContext) -> None:
+        """Tokens for the pod's projected serviceAccountToken sources, from the TokenRequest API (the Node
+        authorizer allows it only for a pod bound to this node and its own service account)."""
+        meta = pod["metadata"]
+        account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/serviceaccounts/{account}/token"
+        for volume, token_path, spec in token_requests(pod):
+            body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+            try:
+                answer = await self._api.create(path, body)
+            except APIStatusError as error:
+                raise ContainerConfigError(
+                    "FailedMount", f'MountVolume.SetUp failed for volume "{volume}" : failed to fetch token: {error}'
+                ) from error
+            context.service_account_tokens[(volume, token_path)] = str(answer["status"]["token"])
+
     async def _fetch_references(
         self, pod: dict[str, Any]
     ) -> tuple[dict[str, dict[str, Any] | None], dict[str, dict[str, Any] | None]]:
@@ -795,7 +713,11 @@ class Kubelet:
         configmap_names, secret_names = referenced_objects(pod)
         base = f"/api/v1/namespaces/{namespace}"
         names = [("configmaps", n) for n in sorted(configmap_names)] + [("secrets", n) for n in sorted(secret_names)]
-        objects = await asyncio.gather(*(self._api.get(f"{base}/{kind}/{name}") for kind, name in names))
+        try:
+            objects = await asyncio.gather(*(self._api.get(f"{base}/{kind}/{name}") for kind, name in names))
+        except APIStatusError as error:
+            # Typically 403 for a moment after binding, until the Node authorizer's graph has the pod: retried.
+            raise ContainerConfigError("CreateContainerConfigError", str(error)) from error
         configmaps: dict[str, dict[str, Any] | None] = {}
         secrets: dict[str, dict[str, Any] | None] = {}
         for (kind, name), obj in zip(names, objects, strict=True):
@@ -1079,7 +1001,6 @@ class Kubelet:
                 record.message = "Pod was active on the node longer than the specified deadline"
             await self._write_status(record)
             self._write_file_sd()
-            self._schedule_wakeup.set()
             self._refresh_hosts(record.namespace)
             return
         if kind == "delete" and not record.deletion_done:
@@ -1230,14 +1151,6 @@ class Kubelet:
             await self._api.create(f"/api/v1/namespaces/{namespace}/events", event)
         except Exception as error:  # events are best effort, as in the real kubelet
             logger.debug("event not recorded: %r", error)
-
-    async def _bump_event(self, pod: Mapping[str, Any], event_name: str, count: int) -> None:
-        namespace = pod["metadata"].get("namespace", "default")
-        try:
-            await self._api.merge_patch(f"/api/v1/namespaces/{namespace}/events/{event_name}",
-                                        {"count": count, "lastTimestamp": now_iso()})
-        except Exception as error:
-            logger.debug("event not updated: %r", error)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -28,18 +29,19 @@ class APIStatusError(Exception):
 
 
 class KubeAPI:
-    """REST calls against one API server URL; no kubeconfig, the kubelet is given the URL."""
+    """REST calls against one API server URL as one identity: the TLS context carries the cluster's CA and the
+    client certificate that names the caller (the kubelet is ``system:node:<name>``)."""
 
-    def __init__(self, base_url: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, base_url: str, tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._headers = dict(headers or {})
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         if self._session is None:
             # Many pods at once means many concurrent status writes and a few long watches.
-            connector = aiohttp.TCPConnector(limit=64)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            connector = aiohttp.TCPConnector(limit=64, ssl=self._tls if self._tls is not None else True)
+            self._session = aiohttp.ClientSession(connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -110,9 +112,12 @@ class KubeAPI:
             raise
         return True
 
-    async def watch(self, path: str, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+    async def watch(
+        self, path: str, resource_version: str, selectors: Mapping[str, str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Watch events from resource_version until the server ends the stream."""
         params = {
+            **(selectors or {}),
             "watch": "1",
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
@@ -130,22 +135,29 @@ class KubeAPI:
 Handler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-async def inform(api: KubeAPI, path: str, handler: Handler, synced: asyncio.Event | None = None) -> None:
-    """List then watch `path` for ever, calling handler(type, object) for every change.
+async def inform(
+    api: KubeAPI,
+    path: str,
+    handler: Handler,
+    synced: asyncio.Event | None = None,
+    selectors: Mapping[str, str] | None = None,
+) -> None:
+    """List then watch `path` (narrowed by `selectors`: fieldSelector, labelSelector) for ever, calling
+    handler(type, object) for every change.
 
     After a list, handler gets "SYNC" with a List object (so it can drop what vanished meanwhile); then
     ADDED/MODIFIED/DELETED. A closed or expired (410) watch relists, like client-go's reflector.
     """
     while True:
         try:
-            listing = await api.request("GET", path)
+            listing = await api.request("GET", path, params=selectors)
             await handler("SYNC", listing)
             if synced is not None:
                 synced.set()
             version = str((listing.get("metadata") or {}).get("resourceVersion", ""))
             while True:
                 expired = False
-                async for event in api.watch(path, version):
+                async for event in api.watch(path, version, selectors):
                     kind, obj = event.get("type", ""), event.get("object") or {}
                     if kind == "ERROR":
                         expired = obj.get("code") == 410

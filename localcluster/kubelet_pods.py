@@ -14,9 +14,7 @@ from typing import Any
 Obj = Mapping[str, Any]
 
 NODE_NAME = "localnode"
-SCHEDULER_NAME = "default-scheduler"
 GPU_RESOURCE = "nvidia.com/gpu"
-SCHEDULED_RESOURCES = ("cpu", "memory", GPU_RESOURCE)
 TERMINATION_MESSAGE_LIMIT = 4096
 # What the real kubelet keeps of the log for FallbackToLogsOnError.
 FALLBACK_LOG_LINES = 80
@@ -97,109 +95,6 @@ def pod_requests(pod: Obj) -> Resources:
     return total
 
 
-def subtract(available: Resources, used: Resources) -> Resources:
-    return {name: amount - used.get(name, Decimal(0)) for name, amount in available.items()}
-
-
-def add(total: Resources, more: Resources) -> Resources:
-    result = dict(total)
-    for name, amount in more.items():
-        result[name] = result.get(name, Decimal(0)) + amount
-    return result
-
-
-def toleration_matches(toleration: Obj, taint: Obj) -> bool:
-    effect = toleration.get("effect") or ""
-    if effect and effect != taint.get("effect"):
-        return False
-    operator = toleration.get("operator") or "Equal"
-    key = toleration.get("key") or ""
-    if operator == "Exists":
-        return not key or key == taint.get("key")
-    return key == taint.get("key") and (toleration.get("value") or "") == (taint.get("value") or "")
-
-
-def untolerated_taints(pod: Obj, taints: Sequence[Obj]) -> list[Obj]:
-    tolerations = (pod.get("spec") or {}).get("tolerations") or []
-    return [
-        taint
-        for taint in taints
-        if taint.get("effect") in ("NoSchedule", "NoExecute")
-        and not any(toleration_matches(toleration, taint) for toleration in tolerations)
-    ]
-
-
-def _expression_matches(expression: Obj, labels: Mapping[str, str]) -> bool:
-    key, operator = expression.get("key", ""), expression.get("operator", "")
-    values = expression.get("values") or []
-    value = labels.get(key)
-    match operator:
-        case "In":
-            return value is not None and value in values
-        case "NotIn":
-            return value is None or value not in values
-        case "Exists":
-            return value is not None
-        case "DoesNotExist":
-            return value is None
-        case "Gt" | "Lt":
-            try:
-                number, bound = int(value or ""), int(values[0])
-            except (ValueError, IndexError):
-                return False
-            return number > bound if operator == "Gt" else number < bound
-    return False
-
-
-def node_affinity_matches(pod: Obj, node_labels: Mapping[str, str], node_name: str) -> bool:
-    """nodeSelector and required node affinity (matchExpressions and metadata.name matchFields)."""
-    spec = pod.get("spec") or {}
-    for key, value in (spec.get("nodeSelector") or {}).items():
-        if node_labels.get(key) != value:
-            return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
-    terms = required.get("nodeSelectorTerms") or []
-    if not terms:
-        return True
-    fields = {"metadata.name": node_name}
-    # Terms are ORed, expressions within a term ANDed, like the real scheduler.
-    return any(
-        all(_expression_matches(e, node_labels) for e in term.get("matchExpressions") or [])
-        and all(_expression_matches(e, fields) for e in term.get("matchFields") or [])
-        for term in terms
-    )
-
-
-def unschedulable_reasons(
-    pod: Obj, free: Resources, node_labels: Mapping[str, str], taints: Sequence[Obj], node_name: str
-) -> list[str]:
-    """Why the pod does not fit the node, in the real scheduler's words; empty when it fits.
-
-    Filters run in the scheduler's order and the first failing one answers, as with a single node.
-    """
-    bad_taints = untolerated_taints(pod, taints)
-    if bad_taints:
-        taint = bad_taints[0]
-        shown = f"{taint.get('key')}: {taint.get('value')}" if taint.get("value") else str(taint.get("key"))
-        return [f"node(s) had untolerated taint {{{shown}}}"]
-    if not node_affinity_matches(pod, node_labels, node_name):
-        return ["node(s) didn't match Pod's node affinity/selector"]
-    insufficient = [
-        f"Insufficient {name}"
-        for name, amount in sorted(pod_requests(pod).items())
-        if amount > 0 and amount > free.get(name, Decimal(0))
-        and (name in free or name in SCHEDULED_RESOURCES or "/" in name)
-    ]
-    return insufficient
-
-
-def failed_scheduling_message(reasons: Sequence[str], nodes: int = 1) -> str:
-    """"0/1 nodes are available: 1 Insufficient nvidia.com/gpu." as the real scheduler words it."""
-    parts = ", ".join(f"{nodes} {reason}" for reason in sorted(reasons))
-    return f"0/{nodes} nodes are available: {parts}."
-
-
 # ---- env ----------------------------------------------------------------------------------------------
 
 
@@ -238,6 +133,8 @@ class PodContext:
     pod_ip: str
     host_ip: str = "127.0.0.1"
     node_allocatable: Resources = field(default_factory=dict)
+    # Projected serviceAccountToken sources' tokens (from the TokenRequest API), by (volume, path).
+    service_account_tokens: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def field_ref_value(pod: Obj, path: str, context: PodContext) -> str:
@@ -360,6 +257,26 @@ def resolve_env(
     return env
 
 
+def token_requests(pod: Obj) -> list[tuple[str, str, dict[str, Any]]]:
+    """(volume, path, TokenRequest spec) for every projected serviceAccountToken source of the pod, the token
+    bound to the pod so that it dies with it."""
+    meta = pod.get("metadata") or {}
+    requests = []
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        for entry in (volume.get("projected") or {}).get("sources") or []:
+            source = entry.get("serviceAccountToken")
+            if not source:
+                continue
+            spec: dict[str, Any] = {
+                "audiences": [source["audience"]] if source.get("audience") else [],
+                "expirationSeconds": int(source.get("expirationSeconds", 3600)),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta.get("name"),
+                                   "uid": meta.get("uid")},
+            }
+            requests.append((str(volume.get("name", "")), str(source.get("path", "")), spec))
+    return requests
+
+
 def referenced_objects(pod: Obj) -> tuple[set[str], set[str]]:
     """Names of the ConfigMaps and Secrets the pod's env and volumes use, to fetch before starting it."""
     configmaps: set[str] = set()
@@ -473,6 +390,13 @@ def volume_files(
                 files.update(from_source("Secret", entry["secret"], entry["secret"].get("name", ""), mode))
             elif entry.get("downwardAPI"):
                 files.update(downward(entry["downwardAPI"].get("items") or [], mode))
+            elif entry.get("serviceAccountToken"):
+                path = entry["serviceAccountToken"].get("path", "")
+                token = context.service_account_tokens.get((name, path))
+                if token is None:
+                    raise ContainerConfigError(
+                        "FailedMount", f'MountVolume.SetUp failed for volume "{name}" : no token for {path!r}')
+                files[path] = (token.encode(), mode)
         return files
     return None
 

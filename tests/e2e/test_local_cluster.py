@@ -290,5 +290,27 @@ def test_deleting_a_job_removes_its_children(cluster: LocalCluster) -> None:
     apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 1000}))
     wait_until(lambda: cluster.pods(name), timeout=60, what="pods")
     cluster.kubectl("delete", "ftj", name, "--wait=true", timeout=120)
+    # The garbage collector removes the children after the job is gone, as in any cluster.
     wait_until(lambda: cluster.pods(name) == [], timeout=120, what="pods gone")
-    assert name not in cluster.kubectl("get", "configmaps,services", "-o", "name")
+    wait_until(lambda: name not in cluster.kubectl("get", "configmaps,services", "-o", "name"), timeout=60,
+               what="the Service and ConfigMap gone")
+
+
+def test_the_cluster_is_a_real_kubernetes_and_the_operator_has_only_the_charts_rights(cluster: LocalCluster) -> None:
+    version = json.loads(cluster.kubectl("version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == cluster.control_plane.version  # type: ignore[union-attr]
+    assert version["serverVersion"]["gitVersion"].startswith("v1.")
+    assert cluster.kubectl("get", "--raw", "/readyz").strip() == "ok"
+    node = cluster.get_json("node", "localnode")
+    assert next(c for c in node["status"]["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+    def can_i(*args: str) -> str:
+        return cluster.kubectl("auth", "can-i", "--as", cluster.operator_identity, *args, check=False).strip()
+
+    # What the chart grants in the jobs' namespace, and nothing more.
+    assert can_i("create", "pods", "-n", "default") == "yes"
+    assert can_i("patch", "finetunejobs.finetune.dev", "--subresource=status", "-n", "default") == "yes"
+    assert can_i("update", "finetunejobs.finetune.dev", "--subresource=finalizers", "-n", "default") == "yes"
+    assert can_i("get", "secrets", "-n", "default") == "no"
+    assert can_i("create", "pods", "-n", "kube-system") == "no"
+    assert can_i("update", "finetunejobs.finetune.dev", "-n", "default") == "no"

@@ -1,4 +1,5 @@
-"""The Helm chart applied to the local API server with kubectl, and the operator run with the chart's settings."""
+"""The Helm chart applied to the real API server with kubectl, and the operator run with the chart's settings and
+its ServiceAccount's token: namespace-scoped RBAC is enough, and a namespace it does not list is left alone."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from localcluster.apiserver import APIServer, running_apiserver
+from localcluster.controlplane import ControlPlane
 from localcluster.seaweedfs import free_ports
 
 pytestmark = pytest.mark.integration
@@ -37,10 +38,10 @@ def helm() -> Path:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[APIServer]:
-    # No kubelet: the test checks what the operator creates, not what runs.
-    with running_apiserver(kubeconfig=tmp_path / "kubeconfig", kubelet=False) as api:
-        yield api
+def plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    # No scheduler and no kubelet: the test checks what the operator creates, not what runs.
+    with ControlPlane(tmp_path / "control-plane", scheduler=False) as control_plane:
+        yield control_plane
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
@@ -62,23 +63,26 @@ def wait_for(predicate: Any, timeout: float = 30) -> Any:
     raise AssertionError("timed out")
 
 
-def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, server: APIServer,
+def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, plane: ControlPlane,
                                                                   tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig = plane.admin_kubeconfig
     for ns in (SYSTEM_NS, TEAM_NS):
         kubectl(kubeconfig, "create", "namespace", ns)
+    wait_for(lambda: kubectl(kubeconfig, "get", "serviceaccount", "default", "-n", TEAM_NS, "--ignore-not-found"))
     rendered = subprocess.run(
         [str(helm), "template", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--include-crds",
          "--set", f"watchNamespaces={{{TEAM_NS}}}", "--set", "rbac.scope=namespace"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
-    applied = kubectl(kubeconfig, "apply", "--validate=false", "-f", "-", input=rendered)
+    applied = kubectl(kubeconfig, "apply", "-f", "-", input=rendered)
     assert "customresourcedefinition.apiextensions.k8s.io/finetunejobs.finetune.dev created" in applied
     assert "deployment.apps/ftj-finetune-operator created" in applied, applied
     assert "serviceaccount/ftj-finetune-operator created" in applied
     assert "role.rbac.authorization.k8s.io/" in applied and "rolebinding.rbac.authorization.k8s.io/" in applied
 
-    # Run the operator exactly as the chart's Deployment would: its command, args and environment.
+    # Run the operator exactly as the chart's Deployment would: its command, args, environment and ServiceAccount.
+    token = kubectl(kubeconfig, "create", "token", "ftj-finetune-operator", "-n", SYSTEM_NS).strip()
+    operator_kubeconfig = plane.token_kubeconfig(tmp_path / "operator.kubeconfig", token)
     deployment = json.loads(kubectl(kubeconfig, "get", "deployment", "-n", SYSTEM_NS, "-o", "json",
                                     "ftj-finetune-operator"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -89,7 +93,8 @@ def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, ser
            "FINETUNE_HEALTH_PORT": str(health_port), "FINETUNE_BIND_ADDRESS": "127.0.0.1"}
     log = (tmp_path / "operator.log").open("wb")
     operator = subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator", *container.get("args", []), "--kubeconfig", str(kubeconfig)],
+        [sys.executable, "-m", "finetune_operator", *container.get("args", []), "--kubeconfig",
+         str(operator_kubeconfig)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

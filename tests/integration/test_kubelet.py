@@ -1,4 +1,5 @@
-"""The process kubelet against the API server stand-in: pods scheduled, run, reported, deleted, seen by kubectl."""
+"""The process kubelet as a node of the real control plane: pods the scheduler binds run, are reported, deleted,
+and seen by kubectl (logs through the API server from the kubelet's HTTPS endpoint)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from localcluster.apiserver import APIServer, running_apiserver, write_kubeconfig
+from localcluster.controlplane import ControlPlane
 from localcluster.kubelet import Kubelet
 
 pytestmark = pytest.mark.integration
@@ -26,35 +27,41 @@ NODE_GPUS = 1
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[APIServer, Kubelet, Path]]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, Kubelet, Path]]:
     work = tmp_path_factory.mktemp("kubelet")
-    with running_apiserver() as server:
-        kubeconfig = write_kubeconfig(work / "kubeconfig", server.url)
-        with Kubelet(server.url, work / "node", cpu="2", memory="4Gi", gpus=NODE_GPUS,
-                     log_server=server) as kubelet:
-            yield server, kubelet, kubeconfig
+    with ControlPlane(work / "control-plane") as plane, Kubelet(
+        plane.url, plane.node_credentials("localnode"), work / "node", cpu="2", memory="4Gi", gpus=NODE_GPUS,
+        version=plane.version,
+    ) as kubelet:
+        yield plane, kubelet, plane.admin_kubeconfig
 
 
 @pytest.fixture
-def kubelet(cluster: tuple[APIServer, Kubelet, Path]) -> Kubelet:
+def kubelet(cluster: tuple[ControlPlane, Kubelet, Path]) -> Kubelet:
     return cluster[1]
 
 
 @pytest.fixture
-def core(cluster: tuple[APIServer, Kubelet, Path]) -> client.CoreV1Api:
+def core(cluster: tuple[ControlPlane, Kubelet, Path]) -> client.CoreV1Api:
     return client.CoreV1Api(config.new_client_from_config(str(cluster[2])))
+
+
+def new_namespace(core: client.CoreV1Api) -> str:
+    """A fresh namespace, once its default ServiceAccount exists (admission refuses pods before)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: core.list_namespaced_service_account(name).items, 30, "the default ServiceAccount")
+    return name
 
 
 @pytest.fixture
 def namespace(core: client.CoreV1Api) -> str:
     """A fresh namespace per test, so names and headless Services never meet across tests."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    return name
+    return new_namespace(core)
 
 
 @pytest.fixture
-def kubectl(cluster: tuple[APIServer, Kubelet, Path]) -> Callable[..., subprocess.CompletedProcess[str]]:
+def kubectl(cluster: tuple[ControlPlane, Kubelet, Path]) -> Callable[..., subprocess.CompletedProcess[str]]:
     binary = shutil.which("kubectl")
     if binary is None:
         pytest.skip("kubectl is not installed")
@@ -292,7 +299,8 @@ def test_more_gpus_than_the_node_has_stays_pending_with_failed_scheduling(
     status = pod_dict(core, namespace, "greedy")["status"]
 
     assert events[0].type == "Warning"
-    assert events[0].message == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    # The real scheduler's words, with its preemption verdict after them.
+    assert events[0].message.startswith("0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: ")
     assert status["phase"] == "Pending"
     scheduled = next(c for c in status["conditions"] if c["type"] == "PodScheduled")
     assert (scheduled["status"], scheduled["reason"]) == ("False", "Unschedulable")
@@ -496,11 +504,13 @@ def test_without_unshare_pods_fail_with_a_clear_message(
     import localcluster.kubelet as kubelet_module
 
     monkeypatch.setattr(kubelet_module, "check_unshare", lambda: "unshare is not permitted here (test)")
-    with running_apiserver() as server, Kubelet(server.url, tmp_path / "node"):
-        core = client.CoreV1Api(config.new_client_from_config(str(write_kubeconfig(tmp_path / "kc", server.url))))
-        core.create_namespaced_pod("default", python_pod("isolated", "print('should not run')"))
+    with ControlPlane(tmp_path / "control-plane") as plane, Kubelet(plane.url, plane.node_credentials("localnode"),
+                                                                     tmp_path / "node"):
+        core = client.CoreV1Api(config.new_client_from_config(str(plane.admin_kubeconfig)))
+        namespace = new_namespace(core)
+        core.create_namespaced_pod(namespace, python_pod("isolated", "print('should not run')"))
 
-        result = finished(core, "default", "isolated")
+        result = finished(core, namespace, "isolated")
 
     assert result["status"]["phase"] == "Failed"
     assert "unshare is not permitted here (test)" in result["status"]["message"]

@@ -1,7 +1,9 @@
-"""The real operator (``python -m finetune_operator``) against the API emulator; the tests play kubelet and scheduler.
+"""The real operator (``python -m finetune_operator``) on the real control plane; the tests play kubelet and scheduler.
 
-No kubelet runs here: pods stay exactly as the tests patch them, so every phase, exit code, event and pod IP is
-set by the test, and the operator's reaction is checked on the objects a user would look at.
+The API server, etcd and the controller manager (garbage collector, service accounts) are real, and the operator
+runs with the chart's ServiceAccount and RBAC. No scheduler and no kubelet run here: pods stay exactly as the tests
+patch them (as admin), so every phase, exit code, event and pod IP is set by the test, and the operator's reaction
+is checked on the objects a user would look at.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from finetune_trainer.config import config_from_dict
-from localcluster.apiserver import APIServer, running_apiserver
+from localcluster.chart import install_chart
+from localcluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration
 
@@ -65,17 +68,18 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "
 
 
 class Client:
-    """Plain HTTP against the emulator, as kubectl would talk to it."""
+    """Plain HTTPS as the cluster admin, as kubectl would talk to the API server."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, plane: ControlPlane) -> None:
+        self.url = plane.url
+        self.tls = plane.admin_tls
 
     def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": content_type})
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=self.tls) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             if error.code == 404:
@@ -83,8 +87,11 @@ class Client:
             raise AssertionError(f"{method} {path}: {error.code} {error.read()[:500]!r}") from error
 
     def create_namespace(self) -> str:
+        """A new namespace, once its ``default`` ServiceAccount exists (pods are refused before)."""
         name = f"t-{uuid.uuid4().hex[:10]}"
         self.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        wait_for(lambda: self.call("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+                 what="the namespace's default ServiceAccount")
         return name
 
     def create_job(self, ns: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -108,6 +115,10 @@ class Client:
 
     def items(self, ns: str, plural: str) -> list[dict[str, Any]]:
         return list((self.call("GET", f"/api/v1/namespaces/{ns}/{plural}") or {}).get("items") or [])
+
+    def config_maps(self, ns: str) -> list[dict[str, Any]]:
+        """The namespace's ConfigMaps but the CA bundle the controller manager publishes into every namespace."""
+        return [c for c in self.items(ns, "configmaps") if c["metadata"]["name"] != "kube-root-ca.crt"]
 
     def pod_names(self, ns: str) -> list[str]:
         return sorted(p["metadata"]["name"] for p in self.items(ns, "pods"))
@@ -188,16 +199,17 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[APIServer, pathlib.Path]]:
-    kubeconfig = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    with running_apiserver(crds=REPO / "crds", kubeconfig=kubeconfig, kubelet=False) as server:
-        yield server, kubeconfig
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, pathlib.Path]]:
+    """The control plane without a scheduler, the chart installed cluster-wide, and the operator's kubeconfig."""
+    work = tmp_path_factory.mktemp("operator")
+    with ControlPlane(work / "control-plane", scheduler=False) as control_plane:
+        yield control_plane, install_chart(control_plane, work / "operator.kubeconfig")
 
 
 @pytest.fixture(scope="module")
-def operator(emulator: tuple[APIServer, pathlib.Path],
+def operator(plane: tuple[ControlPlane, pathlib.Path],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(emulator[1], tmp_path_factory.mktemp("operator-log") / "operator.log")
+    process = OperatorProcess(plane[1], tmp_path_factory.mktemp("operator-log") / "operator.log")
     process.start()
     try:
         yield process
@@ -206,8 +218,8 @@ def operator(emulator: tuple[APIServer, pathlib.Path],
 
 
 @pytest.fixture
-def client(emulator: tuple[APIServer, pathlib.Path], operator: OperatorProcess) -> Iterator[Client]:
-    yield Client(emulator[0].url)
+def client(plane: tuple[ControlPlane, pathlib.Path], operator: OperatorProcess) -> Iterator[Client]:
+    yield Client(plane[0])
     if operator.process is not None and operator.process.poll() is not None:
         pytest.fail(f"the operator died:\n{operator.log.read_text()[-3000:]}")
 
@@ -250,7 +262,7 @@ def test_create_makes_the_service_config_and_pods_with_exact_env(client: Client,
     assert service["spec"]["selector"] == {"finetune.dev/job-name": "llm"}
     assert service["metadata"]["ownerReferences"] == [owner]
 
-    (config_map,) = client.items(ns, "configmaps")
+    (config_map,) = client.config_maps(ns)
     config = config_from_dict(json.loads(config_map["data"]["config.json"]))
     assert (config.job.name, config.job.namespace, config.job.attempt) == ("llm", ns, 0)
 
@@ -309,7 +321,7 @@ def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str
     wait_for(pods_are(client, ns, ["crash-a1-n0", "crash-a1-n1"]), what="attempt 1's pods")
     status = wait_for(phase_is(client, ns, "crash", "Pending"))
     assert (status["attempt"], status["restarts"], status["countedFailures"]) == (1, 1, 1)
-    config_map = client.items(ns, "configmaps")[0]
+    config_map = client.config_maps(ns)[0]
     assert json.loads(config_map["data"]["config.json"])["job"]["attempt"] == 1
     assert client.event_reasons(ns, "crash") == ["Created", "AllPodsRunning", "PodFailed", "Restarted"]
 
@@ -429,7 +441,7 @@ def test_deleting_the_job_removes_its_children(client: Client, ns: str) -> None:
     client.delete_job(ns, "gone")
     wait_for(lambda: client.job(ns, "gone") is None, what="the job to go")
     wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
-             and not client.items(ns, "configmaps"), what="garbage collection of the children")
+             and not client.config_maps(ns), what="garbage collection of the children")
 
 
 def kopf_marks(job: dict[str, Any] | None) -> dict[str, Any]:
@@ -466,7 +478,7 @@ def test_a_job_deleted_while_the_operator_is_down_goes_away_with_its_children(
         # Nothing holds the deletion: no finalizer, and the garbage collector follows the owner references.
         wait_for(lambda: client.job(ns, "orphan") is None, timeout=3, what="the job to go without an operator")
         wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
-                 and not client.items(ns, "configmaps"), timeout=5, what="its pods, Service and ConfigMap to go")
+                 and not client.config_maps(ns), timeout=5, what="its pods, Service and ConfigMap to go")
     finally:
         operator.start()
 
@@ -548,3 +560,75 @@ def test_operator_metrics(client: Client, ns: str, operator: OperatorProcess) ->
         assert name in text, name
     with contextlib.suppress(Exception):
         client.delete_job(ns, "counted")
+
+
+# ---- what only a real API server shows ----------------------------------------------------------------------
+
+
+def owner_uid(obj: dict[str, Any]) -> str | None:
+    return next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("controller")), None)
+
+
+def test_children_block_owner_deletion_under_owner_references_permission_enforcement(
+    client: Client, ns: str, plane: tuple[ControlPlane, pathlib.Path]
+) -> None:
+    # OwnerReferencesPermissionEnforcement refuses a child with blockOwnerDeletion unless its creator may update
+    # the owner's finalizers: the chart grants exactly that, so the operator's creates pass.
+    control_plane, operator_kubeconfig = plane
+    assert control_plane.kubectl("auth", "can-i", "update", "finetunejobs.finetune.dev", "--subresource=finalizers",
+                                 "-n", ns, kubeconfig=operator_kubeconfig).strip() == "yes"
+    client.create_job(ns, "owned")
+    wait_for(pods_are(client, ns, ["owned-a0-n0", "owned-a0-n1"]), what="the gang")
+    uid = (client.job(ns, "owned") or {})["metadata"]["uid"]
+    children = [*client.items(ns, "pods"), *client.items(ns, "services"), *client.config_maps(ns)]
+    assert len(children) == 4
+    for child in children:
+        (reference,) = child["metadata"]["ownerReferences"]
+        assert (reference["uid"], reference["blockOwnerDeletion"]) == (uid, True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason", "words"),
+    [
+        # A toleration the pod API rejects (tolerationSeconds needs effect NoExecute): 422, never creatable.
+        pytest.param({"tolerations": [{"key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule",
+                                       "tolerationSeconds": 30}]},
+                     "PodRejected", "spec.tolerations[0].effect", id="invalid-pod"),
+        # A PriorityClass nobody created: Priority admission refuses (403) until it exists; bounded by the
+        # startup deadline.
+        pytest.param({"priorityClassName": "nonexistent", "startupDeadlineSeconds": 3}, "FailedCreate",
+                     "no PriorityClass with name nonexistent was found", id="missing-priority-class"),
+        # A ServiceAccount nobody created: ServiceAccount admission refuses the same way.
+        pytest.param({"serviceAccountName": "ghost", "startupDeadlineSeconds": 3}, "FailedCreate",
+                     'serviceaccount "ghost" not found', id="missing-service-account"),
+    ],
+)
+def test_pods_the_api_refuses_fail_the_job_with_the_apis_message(
+    client: Client, ns: str, spec: dict[str, Any], reason: str, words: str
+) -> None:
+    client.create_job(ns, "refused", **spec)
+    status = wait_for(phase_is(client, ns, "refused", "Failed"), timeout=20, what="Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == reason
+    assert words in status["message"], status["message"]
+    assert status["message"].startswith("The API server refused the pods")
+    assert client.pod_names(ns) == []
+
+
+def test_a_job_recreated_under_the_same_name_never_reuses_the_old_jobs_children(client: Client, ns: str) -> None:
+    client.create_job(ns, "again")
+    wait_for(pods_are(client, ns, ["again-a0-n0", "again-a0-n1"]), what="the first job's gang")
+    old_uid = (client.job(ns, "again") or {})["metadata"]["uid"]
+    client.delete_job(ns, "again")
+    client.create_job(ns, "again")
+    new_uid = (client.job(ns, "again") or {})["metadata"]["uid"]
+    assert new_uid != old_uid
+
+    def children_of_the_new_job() -> bool:
+        children = [*client.items(ns, "pods"), *client.items(ns, "services"), *client.config_maps(ns)]
+        return len(children) == 4 and all(owner_uid(child) == new_uid for child in children)
+
+    # The garbage collector removes the old job's children; the new job's are created in their place, not
+    # adopted from the old job (which the collector would then delete under the new one).
+    wait_for(children_of_the_new_job, timeout=30, what="the new job's own Service, ConfigMap and pods")
+    assert wait_for(phase_is(client, ns, "again", "Pending"))["attempt"] == 0

@@ -10,7 +10,7 @@ import pytest
 from kubernetes import client, config
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, start_http_server
 
-from localcluster.apiserver import running_apiserver, write_kubeconfig
+from localcluster.controlplane import ControlPlane
 from localcluster.kubelet import Kubelet
 from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
 from localcluster.seaweedfs import free_ports
@@ -24,10 +24,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def kubelet_and_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kubelet, client.CoreV1Api]]:
     work = tmp_path_factory.mktemp("prometheus-cluster")
-    with running_apiserver() as server:
-        kubeconfig = write_kubeconfig(work / "kubeconfig", server.url)
-        with Kubelet(server.url, work / "node", log_server=server) as kubelet:
-            yield kubelet, client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+    with ControlPlane(work / "control-plane") as plane:
+        with Kubelet(plane.url, plane.node_credentials("localnode"), work / "node") as kubelet:
+            core = client.CoreV1Api(config.new_client_from_config(str(plane.admin_kubeconfig)))
+            plane.kubectl("wait", "--for=create", "serviceaccount/default", "--timeout=60s")
+            yield kubelet, core
 
 
 EXPORTER = """

@@ -18,7 +18,6 @@ import yaml
 
 from finetune_operator import constants
 from finetune_operator.settings import load_settings
-from localcluster.crd_validation import CRDValidator
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "finetune-operator"
@@ -863,19 +862,16 @@ def test_docs_should_install_the_chart_with_values_the_schema_accepts(helm_bin: 
     assert "ServerSideApply=true" in crd_app["spec"]["syncPolicy"]["syncOptions"]
 
 
-def test_docs_finetunejobs_and_builtin_objects_should_be_valid() -> None:
-    validator = CRDValidator.from_crd(yaml.safe_load((ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text()))
+def test_docs_builtin_objects_should_be_valid() -> None:
+    # The docs' FineTuneJobs go to the real API server: tests/integration/test_crd_api.py.
     checked = 0
     for path in DOCS.values():
         for doc in yaml_blocks(path):
             assert {"apiVersion", "kind"} <= set(doc), f"{path.name}: {doc}"
-            if doc["kind"] == "FineTuneJob":
-                assert validator.validate(validator.apply_defaults(doc)) == [], path.name
-                checked += 1
-            elif "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].startswith("apps/"):
+            if "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].startswith("apps/"):
                 _validate(doc)  # ConfigMap, Namespace: the built-in kinds
                 checked += 1
-    assert checked >= 4
+    assert checked >= 3
 
 
 def _pool_accepts(labels: dict[str, str], taints: list[Doc], job: Doc) -> bool:
