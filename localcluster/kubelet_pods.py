@@ -6,6 +6,7 @@ import base64
 import datetime
 import math
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -307,106 +308,6 @@ def referenced_objects(pod: Obj) -> tuple[set[str], set[str]]:
     return configmaps, secrets
 
 
-# ---- volumes ------------------------------------------------------------------------------------------
-
-
-def volume_files(
-    volume: Obj,
-    pod: Obj,
-    context: PodContext,
-    configmaps: Mapping[str, Obj | None],
-    secrets: Mapping[str, Obj | None],
-) -> dict[str, tuple[bytes, int]] | None:
-    """The files (relative path → bytes, mode) of a configMap/secret/downwardAPI/projected volume.
-
-    None for volume kinds that are directories rather than generated files (emptyDir, hostPath, PVC).
-    A missing non-optional source raises ContainerConfigError with reason FailedMount.
-    """
-    name = volume.get("name", "")
-
-    def from_source(kind: str, source: Obj, obj_name: str, default_mode: int) -> dict[str, tuple[bytes, int]]:
-        objects = secrets if kind == "Secret" else configmaps
-        obj = objects.get(obj_name)
-        if obj is None:
-            if source.get("optional"):
-                return {}
-            raise ContainerConfigError(
-                "FailedMount",
-                f'MountVolume.SetUp failed for volume "{name}" : {kind.lower()} "{obj_name}" not found',
-            )
-        data: dict[str, bytes] = {}
-        for key, value in (obj.get("data") or {}).items():
-            data[key] = base64.b64decode(value) if kind == "Secret" else str(value).encode()
-        for key, value in (obj.get("binaryData") or {}).items():
-            data[key] = base64.b64decode(value)
-        for key, value in (obj.get("stringData") or {}).items():
-            data[key] = str(value).encode()
-        mode = int(source.get("defaultMode", default_mode))
-        items = source.get("items")
-        if not items:
-            return {key: (value, mode) for key, value in data.items()}
-        files: dict[str, tuple[bytes, int]] = {}
-        for item in items:
-            if item.get("key") not in data:
-                if source.get("optional"):
-                    continue
-                raise ContainerConfigError(
-                    "FailedMount",
-                    f'MountVolume.SetUp failed for volume "{name}" : configmap references non-existent '
-                    f'config key: {item.get("key")}' if kind == "ConfigMap" else
-                    f'MountVolume.SetUp failed for volume "{name}" : references non-existent secret key: '
-                    f'{item.get("key")}',
-                )
-            files[item.get("path") or item["key"]] = (data[item["key"]], int(item.get("mode", mode)))
-        return files
-
-    def downward(items: Iterable[Obj], default_mode: int) -> dict[str, tuple[bytes, int]]:
-        files: dict[str, tuple[bytes, int]] = {}
-        for item in items:
-            if item.get("fieldRef"):
-                value = field_ref_value(pod, item["fieldRef"].get("fieldPath", ""), context)
-            else:
-                value = resource_field_value(pod, {}, item.get("resourceFieldRef") or {}, context)
-            files[item.get("path", "")] = (value.encode(), int(item.get("mode", default_mode)))
-        return files
-
-    if volume.get("configMap") is not None:
-        cm = volume["configMap"]
-        return from_source("ConfigMap", cm, cm.get("name", ""), 0o644)
-    if volume.get("secret") is not None:
-        secret = volume["secret"]
-        return from_source("Secret", secret, secret.get("secretName", ""), 0o644)
-    if volume.get("downwardAPI") is not None:
-        spec = volume["downwardAPI"]
-        return downward(spec.get("items") or [], int(spec.get("defaultMode", 0o644)))
-    if volume.get("projected") is not None:
-        projected = volume["projected"]
-        mode = int(projected.get("defaultMode", 0o644))
-        files: dict[str, tuple[bytes, int]] = {}
-        for entry in projected.get("sources") or []:
-            if entry.get("configMap"):
-                files.update(from_source("ConfigMap", entry["configMap"], entry["configMap"].get("name", ""), mode))
-            elif entry.get("secret"):
-                files.update(from_source("Secret", entry["secret"], entry["secret"].get("name", ""), mode))
-            elif entry.get("downwardAPI"):
-                files.update(downward(entry["downwardAPI"].get("items") or [], mode))
-            elif entry.get("serviceAccountToken"):
-                path = entry["serviceAccountToken"].get("path", "")
-                token = context.service_account_tokens.get((name, path))
-                if token is None:
-                    raise ContainerConfigError(
-                        "FailedMount", f'MountVolume.SetUp failed for volume "{name}" : no token for {path!r}')
-                files[path] = (token.encode(), mode)
-        return files
-    return None
-
-
-def safe_relative(path: str) -> bool:
-    """A volume item path may not escape its volume, as the API server validates."""
-    parts = path.split("/")
-    return bool(path) and not path.startswith("/") and ".." not in parts
-
-
 # ---- DNS via /etc/hosts -------------------------------------------------------------------------------
 
 
@@ -556,3 +457,26 @@ def file_sd_targets(pods: Iterable[tuple[Obj, str]]) -> list[dict[str, Any]]:
             labels["__metrics_path__"] = str(annotations["prometheus.io/path"])
         groups.append({"targets": [f"{ip}:{port}"], "labels": labels})
     return sorted(groups, key=lambda group: (group["labels"]["namespace"], group["labels"]["pod"]))
+
+
+def pod_event(pod: Obj, reason: str, message: str, kind: str, node: str) -> dict[str, Any]:
+    """A core/v1 Event about the pod from the kubelet of ``node``, as the real kubelet's recorder writes it."""
+    meta = pod["metadata"]
+    namespace = meta.get("namespace", "default")
+    now = now_iso()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "namespace": namespace,
+                           "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+        "reason": reason,
+        "message": message,
+        "type": kind,
+        "source": {"component": "kubelet", "host": node},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "reportingComponent": "kubelet",
+        "reportingInstance": node,
+    }

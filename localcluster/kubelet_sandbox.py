@@ -23,6 +23,8 @@ and processes binding 0.0.0.0 on the same port in two pods collide, unlike on a 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -124,3 +126,24 @@ def sandbox_command(
     ]
     unshare = shutil.which("unshare") or "unshare"
     return [unshare, *UNSHARE_ARGS, "--", "/bin/sh", "-c", "\n".join(lines), "sh", *argv]
+
+
+def remove_created_paths(created: list[Path]) -> None:
+    """Remove the mount points ``create_mount_point`` made, newest first, if they are still empty."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            elif path.stat().st_size == 0:
+                path.unlink()
+    created.clear()
+
+
+def rewrite_in_place(path: Path, content: bytes) -> None:
+    """Replace a file's bytes keeping its inode: running pods see it through a bind mount."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(descriptor, content, 0)
+        os.ftruncate(descriptor, len(content))
+    finally:
+        os.close(descriptor)

@@ -8,6 +8,7 @@ certificates issued by that CA, as a real kubelet with x509 authentication does.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -95,3 +96,31 @@ class KubeletServer:
             await response.write(chunk)
         await response.write_eof()
         return response
+
+
+def tail_lines(data: bytes, lines: int | None) -> bytes:
+    if lines is None:
+        return data
+    if lines <= 0:
+        return b""
+    kept = data.splitlines(keepends=True)[-lines:]
+    return b"".join(kept)
+
+
+async def follow_log(path: Path, lines: int | None, alive: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """The log so far, then new bytes as they are written, until the container has stopped."""
+    data = path.read_bytes()
+    yield tail_lines(data, lines)
+    offset = len(data)
+    while True:
+        still_running = alive()
+        size = path.stat().st_size if path.exists() else offset
+        if size > offset:
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read(size - offset)
+            offset += len(chunk)
+            yield chunk
+        elif not still_running:
+            return
+        await asyncio.sleep(0.2)

@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from localcluster.kubelet_pods import ContainerConfigError, PodContext, token_requests, volume_files
+from localcluster.kubelet_pods import ContainerConfigError, PodContext, token_requests
+from localcluster.kubelet_volumes import volume_files
 from localcluster.pki import CertificateAuthority, KeyPair, write_kubeconfig, write_signing_key
 
 
