@@ -8,7 +8,6 @@ The status it returns is the whole next status; the caller writes it in one patc
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -16,11 +15,12 @@ from typing import Any, Protocol
 
 from finetune_operator import constants as c
 from finetune_operator.builders import build_config_map, build_service, build_worker_pod
+from finetune_operator.job_status import EventToEmit, JobStatus
+from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.progress import ProgressSample, format_eta, format_summary, sample_from_result
 from finetune_operator.spec import (
     FineTuneJob,
     InvalidSpecError,
-    format_time,
     parse_job,
     parse_meta,
     parse_time,
@@ -66,13 +66,6 @@ class DeleteJob:
 
 
 Action = CreateChild | DeletePod | DeleteJob
-
-
-@dataclass(frozen=True)
-class EventToEmit:
-    type: str
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -174,97 +167,6 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView | None:
     )
 
 
-# ---- the next status ------------------------------------------------------------------------------------
-
-
-class _Status:
-    """The next status, built on a copy of the current one; remembers the phase transition for its Event."""
-
-    def __init__(self, current: Mapping[str, Any], now: datetime.datetime, generation: int) -> None:
-        self.old_phase: str | None = current.get("phase")
-        self.data: dict[str, Any] = copy.deepcopy(dict(current))
-        self.now = now
-        self.generation = generation
-        self.transition: EventToEmit | None = None
-        self.extra_events: list[EventToEmit] = []
-
-    @property
-    def phase(self) -> str | None:
-        return self.data.get("phase")
-
-    def get_int(self, key: str) -> int:
-        value = self.data.get(key)
-        return value if isinstance(value, int) else 0
-
-    def time(self, key: str) -> datetime.datetime | None:
-        return parse_time(self.data.get(key))
-
-    def set_time(self, key: str, value: datetime.datetime) -> None:
-        self.data[key] = format_time(value)
-
-    def enter(self, phase: str, reason: str, message: str, event_type: str = c.EVENT_NORMAL) -> None:
-        self.data["phase"] = phase
-        self.data["message"] = message
-        self.transition = EventToEmit(event_type, reason, message)
-
-    def condition(self, kind: str) -> dict[str, Any] | None:
-        for item in self.data.get("conditions") or []:
-            if item.get("type") == kind:
-                return dict(item)
-        return None
-
-    def condition_true(self, kind: str) -> bool:
-        found = self.condition(kind)
-        return found is not None and found.get("status") == "True"
-
-    def set_condition(self, kind: str, status: bool, reason: str, message: str) -> None:
-        """Add or update a condition; lastTransitionTime moves only when the status flips."""
-        conditions = list(self.data.get("conditions") or [])
-        text = "True" if status else "False"
-        new = {"type": kind, "status": text, "reason": reason, "message": message,
-               "lastTransitionTime": format_time(self.now), "observedGeneration": self.generation}
-        for i, item in enumerate(conditions):
-            if item.get("type") == kind:
-                if item.get("status") == text and item.get("lastTransitionTime"):
-                    new["lastTransitionTime"] = item["lastTransitionTime"]
-                conditions[i] = new
-                break
-        else:
-            conditions.append(new)
-        self.data["conditions"] = conditions
-
-    def clear_condition(self, kind: str, reason: str, message: str) -> None:
-        """Turn an existing True condition False; a condition never set stays absent."""
-        if self.condition_true(kind):
-            self.set_condition(kind, False, reason, message)
-
-    def finalize(self) -> dict[str, Any]:
-        self.data["observedGeneration"] = self.generation
-        for item in self.data.get("conditions") or []:
-            item["observedGeneration"] = self.generation
-        return self.data
-
-
-# ---- pod creation refused by the API server ---------------------------------------------------------------
-
-
-def refusal_is_permanent(http_status: int, message: str) -> bool:
-    """Whether a refused pod create can never succeed for this spec: the pod is invalid (400, 422), or the
-    namespace's Pod Security level forbids it. Other refusals (a PriorityClass or ServiceAccount not created yet,
-    quota, RBAC) may pass later."""
-    return http_status in (400, 422) or (http_status == 403 and "violates PodSecurity" in message)
-
-
-def record_create_refusal(
-    status: Mapping[str, Any], http_status: int, message: str, now: datetime.datetime, generation: int
-) -> dict[str, Any]:
-    """The status with PodCreateFailed set from a refused pod create (reason PodRejected when permanent)."""
-    next_status = _Status(status, now, generation)
-    reason = c.REASON_POD_REJECTED if refusal_is_permanent(http_status, message) else c.REASON_FAILED_CREATE
-    next_status.set_condition(c.CONDITION_POD_CREATE_FAILED, True, reason, message)
-    return next_status.finalize()
-
-
 # ---- helpers for the steps -------------------------------------------------------------------------------
 
 
@@ -359,7 +261,7 @@ def _raw_clean_policy(body: Mapping[str, Any]) -> str:
     return policy if policy in ("All", "Running", "None") else "All"
 
 
-def _apply_progress(status: _Status, job: FineTuneJob, sample: ProgressSample) -> None:
+def _apply_progress(status: JobStatus, job: FineTuneJob, sample: ProgressSample) -> None:
     """status.progress, status.metrics and the checkpoints from rank 0's metrics."""
     if sample.step is not None:
         progress: dict[str, Any] = {"step": sample.step, "summary": format_summary(sample.step, sample.total_steps)}
@@ -402,7 +304,7 @@ def _apply_progress(status: _Status, job: FineTuneJob, sample: ProgressSample) -
 
 
 def _finish(
-    status: _Status,
+    status: JobStatus,
     pods: Sequence[PodView],
     clean_policy: str,
     *,
@@ -442,7 +344,7 @@ def decide(
     """What to do next for one FineTuneJob (the raw object, its labelled pods, those pods' Events)."""
     meta = parse_meta(job)
     current_status = job.get("status")
-    status = _Status(current_status if isinstance(current_status, Mapping) else {}, now, meta.generation)
+    status = JobStatus(current_status if isinstance(current_status, Mapping) else {}, now, meta.generation)
     actions: list[Action] = []
     requeue: list[datetime.datetime] = []
 
@@ -615,21 +517,13 @@ def decide(
 
     # 12a. Pods the API refused to create (the reconcile records the refusal in PodCreateFailed): a permanent
     #      refusal fails the job at once, any other once startupDeadlineSeconds have passed since the first.
-    refused = status.condition(c.CONDITION_POD_CREATE_FAILED)
-    if refused is not None and refused.get("status") == "True":
-        if not missing:
-            status.clear_condition(c.CONDITION_POD_CREATE_FAILED, c.REASON_PODS_CREATED, "every pod was created")
-        else:
-            since = parse_time(refused.get("lastTransitionTime")) or now
-            deadline = since + datetime.timedelta(seconds=spec.startup_deadline_seconds)
-            reason = str(refused.get("reason") or c.REASON_FAILED_CREATE)
-            if reason == c.REASON_POD_REJECTED or now >= deadline:
-                waited = "" if reason == c.REASON_POD_REJECTED else (
-                    f" for {spec.startup_deadline_seconds}s (startupDeadlineSeconds)")
-                actions += _finish(status, views, spec.clean_pod_policy, succeeded=False, reason=reason,
-                                   message=f"The API server refused the pods{waited}: {refused.get('message', '')}")
-                return done()
-            requeue.append(deadline)
+    refusal = create_refusal_verdict(status, spec.startup_deadline_seconds, all_created=not missing)
+    if refusal.failure is not None:
+        actions += _finish(status, views, spec.clean_pod_policy, succeeded=False, reason=refusal.failure[0],
+                           message=refusal.failure[1])
+        return done()
+    if refusal.retry_until is not None:
+        requeue.append(refusal.retry_until)
 
     # 12. Startup deadline: a scheduled pod that cannot start (image pulls, bad config refs, stuck creation).
     for pod in current:

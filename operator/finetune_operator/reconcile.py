@@ -36,9 +36,9 @@ from finetune_operator.decide import (
     DeletePod,
     decide,
     observe_pod,
-    record_create_refusal,
 )
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time

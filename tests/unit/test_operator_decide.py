@@ -16,9 +16,8 @@ from finetune_operator.decide import (
     DeletePod,
     EventToEmit,
     decide,
-    record_create_refusal,
-    refusal_is_permanent,
 )
+from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.progress import ProgressSample
 
 TWO_NODES = {"spec.distributed.nodes": 2}
@@ -539,25 +538,6 @@ PSA = ('pods "job-a0-n0" is forbidden: violates PodSecurity "restricted:latest":
 NO_PRIORITY_CLASS = 'pods "job-a0-n0" is forbidden: no PriorityClass with name urgent was found'
 
 
-@pytest.mark.parametrize(
-    ("http_status", "message", "permanent"),
-    [
-        pytest.param(422, 'Pod "job-a0-n0" is invalid: spec.tolerations[0].operator: Unsupported value', True,
-                     id="invalid"),
-        pytest.param(400, "bad request", True, id="bad-request"),
-        pytest.param(403, PSA, True, id="pod-security"),
-        pytest.param(403, NO_PRIORITY_CLASS, False, id="missing-priority-class"),
-        pytest.param(403, 'error looking up service account ns/trainer: serviceaccount "trainer" not found', False,
-                     id="missing-service-account"),
-        pytest.param(403, 'exceeded quota: gpus, requested: requests.nvidia.com/gpu=8', False, id="quota"),
-        pytest.param(403, 'User "system:serviceaccount:x:y" cannot create resource "pods"', False, id="rbac"),
-        pytest.param(404, 'namespaces "ns" not found', False, id="namespace-gone"),
-    ],
-)
-def test_which_refusals_are_permanent(http_status: int, message: str, permanent: bool) -> None:
-    assert refusal_is_permanent(http_status, message) is permanent
-
-
 def refused_job(http_status: int, message: str, since: float, **paths: Any) -> dict[str, Any]:
     status = record_create_refusal({"phase": "Pending", "attempt": 0}, http_status, message, at(since), 1)
     return make_job({**TWO_NODES, "spec.startupDeadlineSeconds": 300, "status": status}, **paths)
@@ -592,12 +572,6 @@ def test_the_refusal_clears_once_every_pod_exists() -> None:
     assert condition(decision, "PodCreateFailed")["status"] == "False"
     assert condition(decision, "PodCreateFailed")["reason"] == "PodsCreated"
     assert decision.status["phase"] == "Pending"
-
-
-def test_a_repeated_refusal_keeps_the_time_of_the_first() -> None:
-    first = record_create_refusal({}, 403, NO_PRIORITY_CLASS, at(50), 1)
-    again = record_create_refusal(first, 403, NO_PRIORITY_CLASS, at(90), 1)
-    assert again["conditions"][0]["lastTransitionTime"] == ts(50)
 
 
 # ---- capacity -------------------------------------------------------------------------------------------
