@@ -71,14 +71,22 @@ class Watch:
         self.task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
-        async with self.session.get(self.url, params={"watch": "1"},
-                                    timeout=aiohttp.ClientTimeout(total=None)) as response:
-            async for raw in response.content:
-                if raw.strip():
+        # A real API server answers a watch with a Status (429 while a new CRD's watch cache initialises) or ends
+        # the stream after its request timeout: watch again, after the delay it asks for. A fresh watch replays
+        # every object as ADDED, which the handlers take as a no-op.
+        while True:
+            async with self.session.get(self.url, params={"watch": "1"},
+                                        timeout=aiohttp.ClientTimeout(total=None)) as response:
+                retry_after = 0.2
+                async for raw in response.content:
+                    if not raw.strip():
+                        continue
                     event = json.loads(raw)
                     if "type" not in event:
-                        raise RuntimeError(f"watch {self.url}: {event}")
+                        retry_after = float((event.get("details") or {}).get("retryAfterSeconds", 1))
+                        break
                     self.on_event(event["type"], event["object"], time.perf_counter())
+            await asyncio.sleep(retry_after)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -89,9 +97,13 @@ class Watch:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+async def _until(check: Callable[[], bool], timeout: float, what: str, watches: list[Watch]) -> None:
     deadline = time.perf_counter() + timeout
     while not check():
+        for watch in watches:
+            if watch.task is not None and watch.task.done():
+                raise RuntimeError(f"the watch of {watch.url} ended while waiting for {what}") from (
+                    watch.task.exception())
         if time.perf_counter() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.002)
@@ -131,7 +143,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(kubeconfig), "--bind-address",
              "127.0.0.1", "--metrics-port", str(metrics_port), "--health-port", str(health_port),
-             "--log-level", "WARNING"],
+             "--log-level", "INFO"],
             env=env, stdout=(workdir / "operator.log").open("wb"), stderr=subprocess.STDOUT)
         connector = aiohttp.TCPConnector(limit=100, ssl=plane.admin_tls)
         async with aiohttp.ClientSession(url, connector=connector) as session:
@@ -203,7 +215,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             for i in range(args.jobs + 1):
                 name = f"lat-{i}"
                 started = await create("latency", name)
-                await _until(has_pods(name), 10, f"pods of {name}")
+                await _until(has_pods(name), 10, f"pods of {name}", watches)
                 if i:
                     latencies.append(pod_times[name] - started)
             p50, p99 = statistics.median(latencies), _percentile(latencies, 99)
@@ -218,7 +230,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             started = time.perf_counter()
             await asyncio.gather(*(create("burst", name) for name in names))
             created = time.perf_counter()
-            await _until(lambda: all(name in pod_times for name in names), 120, "the burst's pods")
+            await _until(lambda: all(name in pod_times for name in names), 120, "the burst's pods", watches)
             with_pods = time.perf_counter() - started
             running_started = time.perf_counter()
             await asyncio.gather(*(
@@ -226,7 +238,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                                                           "containerStatuses": [_running()]})
                 for name in names for rank in range(args.nodes)
             ))
-            await _until(lambda: all(phases.get(name) == "Running" for name in names), 120, "the burst Running")
+            await _until(lambda: all(phases.get(name) == "Running" for name in names), 120, "the burst Running",
+                         watches)
             all_running = time.perf_counter() - started
             rows.append((f"{args.burst} jobs at once → all have pods", f"{with_pods:.2f} s",
                          f"(POSTs took {created - started:.2f} s)", ""))
@@ -245,18 +258,19 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             before = _operator_metrics(metrics_port)
             lifecycle = [f"life-{i}" for i in range(10)]
             await asyncio.gather(*(create("life", name) for name in lifecycle))
-            await _until(lambda: all(name in pod_times for name in lifecycle), 30, "lifecycle pods")
+            await _until(lambda: all(name in pod_times for name in lifecycle), 30, "lifecycle pods", watches)
             await asyncio.gather(*(
                 patch_pod("life", f"{name}-a0-n{rank}", {"phase": "Running", "containerStatuses": [_running()]})
                 for name in lifecycle for rank in range(args.nodes)
             ))
-            await _until(lambda: all(phases.get(name) == "Running" for name in lifecycle), 30, "lifecycle Running")
+            await _until(lambda: all(phases.get(name) == "Running" for name in lifecycle), 30, "lifecycle Running",
+                         watches)
             terminated = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2025-01-01T00:00:00Z",
                                          "finishedAt": "2025-01-01T00:01:00Z"}}
             await asyncio.gather(*(patch_pod("life", f"{name}-a0-n0", {
                 "phase": "Succeeded", "containerStatuses": [{**_running(), "state": terminated, "ready": False}]})
                 for name in lifecycle))
-            await _until(lambda: all(phases.get(name) == "Succeeded" for name in lifecycle), 30, "Succeeded")
+            await _until(lambda: all(phases.get(name) == "Succeeded" for name in lifecycle), 30, "Succeeded", watches)
             await asyncio.sleep(1.0)
             for name in lifecycle:
                 async with session.delete(JOBS.format(ns="life") + "/" + name) as response:
