@@ -143,7 +143,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(kubeconfig), "--bind-address",
              "127.0.0.1", "--metrics-port", str(metrics_port), "--health-port", str(health_port),
-             "--log-level", "INFO"],
+             "--log-level", "WARNING"],
             env=env, stdout=(workdir / "operator.log").open("wb"), stderr=subprocess.STDOUT)
         connector = aiohttp.TCPConnector(limit=100, ssl=plane.admin_tls)
         async with aiohttp.ClientSession(url, connector=connector) as session:
