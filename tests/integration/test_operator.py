@@ -244,6 +244,13 @@ def pods_are(client: Client, ns: str, names: list[str]) -> Callable[[], bool]:
     return probe
 
 
+def events_are(client: Client, ns: str, job: str, reasons: list[str]) -> None:
+    """The job's Events reach exactly ``reasons``: the operator posts them after the status patch, which comes
+    after the pods, so the last one may land a moment after what the test waited for."""
+    wait_for(lambda: client.event_reasons(ns, job) == reasons, what=f"events {reasons}")
+    assert client.event_reasons(ns, job) == reasons
+
+
 # ---- tests ----------------------------------------------------------------------------------------------
 
 
@@ -308,7 +315,7 @@ def test_pod_phases_drive_the_status_to_success(client: Client, ns: str) -> None
     assert done["model"] == {"uri": "s3://finetune-output/run/model/", "export": "full"}
     assert done["completionTime"]
     wait_for(pods_are(client, ns, []), what="cleanPodPolicy All to remove the pods")
-    assert client.event_reasons(ns, "ok") == ["Created", "AllPodsRunning", "Succeeded"]
+    events_are(client, ns, "ok", ["Created", "AllPodsRunning", "Succeeded"])
 
 
 def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str) -> None:
@@ -323,7 +330,7 @@ def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str
     assert (status["attempt"], status["restarts"], status["countedFailures"]) == (1, 1, 1)
     config_map = client.config_maps(ns)[0]
     assert json.loads(config_map["data"]["config.json"])["job"]["attempt"] == 1
-    assert client.event_reasons(ns, "crash") == ["Created", "AllPodsRunning", "PodFailed", "Restarted"]
+    events_are(client, ns, "crash", ["Created", "AllPodsRunning", "PodFailed", "Restarted"])
 
 
 def test_backoff_limit_exhausted_fails_the_job(client: Client, ns: str) -> None:
@@ -364,7 +371,7 @@ def test_invalid_spec_fails_with_the_field_and_no_pods(client: Client, ns: str) 
     invalid = next(c for c in status["conditions"] if c["type"] == "InvalidSpec")
     assert invalid["message"].startswith("spec.output.uri: "), invalid
     assert client.pod_names(ns) == []
-    assert client.event_reasons(ns, "overlap") == ["InvalidSpec"]
+    events_are(client, ns, "overlap", ["InvalidSpec"])
 
 
 def test_suspend_and_resume(client: Client, ns: str) -> None:
@@ -383,9 +390,7 @@ def test_suspend_and_resume(client: Client, ns: str) -> None:
     assert (status["attempt"], status["restarts"]) == (1, 1)
     client.patch_job(ns, "queued", {"spec": {"suspend": False}})
     wait_for(pods_are(client, ns, ["queued-a1-n0", "queued-a1-n1"]), what="the next attempt on resume")
-    assert client.event_reasons(ns, "queued") == [
-        "Suspended", "Resumed", "AllPodsRunning", "Suspended", "Resumed",
-    ]
+    events_are(client, ns, "queued", ["Suspended", "Resumed", "AllPodsRunning", "Suspended", "Resumed"])
 
 
 def test_active_deadline(client: Client, ns: str) -> None:
