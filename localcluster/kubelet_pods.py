@@ -1,4 +1,4 @@
-"""Pure translations for the process kubelet: quantities, scheduling fit, env, hosts files, status, file_sd."""
+"""Pure translations for the process kubelet: quantities, env, hosts files, pod conditions, events, file_sd."""
 
 from __future__ import annotations
 
