@@ -35,6 +35,7 @@ from finetune_trainer.storage import (
     TransferSettings,
     _Digester,
     _RangeVerifier,
+    background_upload_streams,
     cache_folder_name,
     call_with_retries,
     crc32_combine,
@@ -384,9 +385,18 @@ def test_background_uploads_keep_fewer_parts_in_flight(tmp_path: Path, backgroun
     assert info.etag == "done-8"
 
 
-def test_background_upload_streams_grow_with_the_node() -> None:
-    assert TransferSettings().background_upload_concurrency == max(2, len(os.sched_getaffinity(0)) // 8)
-    assert TransferSettings().background_upload_concurrency < TransferSettings().upload_concurrency
+@pytest.mark.parametrize(("cpus", "streams"), [(2, 2), (16, 2), (96, 4), (192, 4)])
+def test_background_upload_streams_grow_with_the_node_but_stay_below_a_foreground_upload(cpus: int,
+                                                                                        streams: int) -> None:
+    assert background_upload_streams(cpus, upload_concurrency=8) == streams
+    assert streams < 8
+
+
+def test_background_upload_streams_follow_this_node_and_the_foreground_setting() -> None:
+    assert TransferSettings().background_upload_concurrency == background_upload_streams(
+        len(os.sched_getaffinity(0)), 8)
+    assert TransferSettings(upload_concurrency=2).background_upload_concurrency == 1
+    assert TransferSettings(background_upload_concurrency=3).background_upload_concurrency == 3
 
 
 # --- file:// stores --------------------------------------------------------------------------------------------

@@ -181,6 +181,14 @@ class RetryPolicy:
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
+def background_upload_streams(cpus: int, upload_concurrency: int) -> int:
+    """Parts in flight for a background upload: fewer streams spread the upload's CPU (ours and, on a shared
+    machine, the server's) over a longer window instead of a burst that takes cores from training. 2, or 1 per 8
+    CPUs on big nodes where more still fit beside training, but never more than half a foreground upload's, so a
+    background upload stays the gentler one on any node."""
+    return max(1, min(max(2, cpus // 8), upload_concurrency // 2))
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     # Parallel ranged GETs per object: 16 on a GPU node; fewer on a small machine, where more streams only
@@ -191,10 +199,14 @@ class TransferSettings:
     multipart_threshold: int = 16 * MiB
     upload_part_size: int = 16 * MiB
     upload_concurrency: int = 8
-    # Parts in flight for a background upload (a checkpoint while training goes on): fewer streams spread the
-    # upload's CPU (ours and, on a shared machine, the server's) over a longer window instead of a burst that
-    # takes cores from training. 2, or 1 per 8 CPUs on big nodes, where more streams still fit beside training.
-    background_upload_concurrency: int = field(default_factory=lambda: max(2, len(os.sched_getaffinity(0)) // 8))
+    # Parts in flight for a background upload (a checkpoint while training goes on); 0: background_upload_streams
+    # of this node's CPUs.
+    background_upload_concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if self.background_upload_concurrency <= 0:
+            streams = background_upload_streams(len(os.sched_getaffinity(0)), self.upload_concurrency)
+            object.__setattr__(self, "background_upload_concurrency", streams)
 
     def range_size(self, size: int, part_size: int | None = None) -> int:
         """Bytes per ranged GET of an object of ``size`` bytes uploaded in parts of ``part_size``."""
