@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,12 @@ import psutil
 
 from localcluster.chart import install_chart
 from localcluster.controlplane import ControlPlane
+from localcluster.seaweedfs import free_ports
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOBS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
 GOALS = {"p50": 0.050, "p99": 0.250, "burst": 15.0, "rss": 200.0}
 WRITE_VERBS = ("create", "patch", "patch_status", "delete")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _job(name: str, nodes: int) -> dict[str, Any]:
@@ -139,7 +133,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     try:
         kubeconfig = install_chart(plane, workdir / "operator.kubeconfig")
         url = plane.url
-        metrics_port, health_port = _free_port(), _free_port()
+        metrics_port, health_port = free_ports(2)
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(kubeconfig), "--bind-address",
              "127.0.0.1", "--metrics-port", str(metrics_port), "--health-port", str(health_port),

@@ -1,14 +1,31 @@
-"""Pytest fixtures for the local servers (SeaweedFS S3, the whole local cluster); registered by tests/conftest.py."""
+"""Pytest fixtures for the local servers (SeaweedFS S3, the whole local cluster) and the one way tests wait for
+something to happen; registered by tests/conftest.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
 from localcluster.cluster import LocalCluster
 from localcluster.seaweedfs import SeaweedFS
+
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> T:
+    """Poll ``probe`` until it returns something truthy and return that; fail naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last value: {value!r}")
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from typing import Any
 
 import yaml
@@ -37,13 +36,3 @@ def s3_keys(cluster: LocalCluster, prefix: str, bucket: str = "finetune-output")
 
 def read_json(cluster: LocalCluster, key: str, bucket: str = "finetune-output") -> Any:
     return json.loads(cluster.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-def wait_until(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -9,9 +10,13 @@ import urllib.request
 from typing import Any
 
 import pytest
-from e2e_helpers import apply, make_job, read_json, s3_keys, wait_until
+from e2e_helpers import apply, make_job, read_json, s3_keys
 
+from localcluster import pytest_plugin
 from localcluster.cluster import LocalCluster
+
+# Each probe here runs kubectl or reads S3: twice a second is often enough and keeps the training cores free.
+wait_until = functools.partial(pytest_plugin.wait_until, interval=0.5)
 
 pytestmark = pytest.mark.e2e
 
@@ -120,7 +125,7 @@ def test_killed_process_restarts_the_gang_and_resumes(cluster: LocalCluster) -> 
     resumed_step = wait_until(
         lambda: (step := trainer_step(cluster, f"{name}-a1-n0")) is not None and step > saved and step,
         timeout=300,
-        poll=0.2,
+        interval=0.2,
         what="training again after the restart",
     )
     seconds_to_resume = time.monotonic() - killed_at
@@ -152,7 +157,7 @@ def test_deleted_pod_writes_an_emergency_checkpoint_and_loses_no_step(cluster: L
         lambda: status(cluster, name).get("progress", {}).get("step", 0) >= 5,
         timeout=400,
         what="training to run",
-        poll=0.25,
+        interval=0.25,
     )
     before = status(cluster, name)["progress"]["step"]
     cluster.kubectl("delete", "pod", f"{name}-a0-n0", "--wait=false")
@@ -222,7 +227,7 @@ def test_job_survives_storage_outage(cluster: LocalCluster) -> None:
         lambda: status(cluster, name).get("progress", {}).get("step", 0) >= 3,
         timeout=400,
         what="training to run",
-        poll=0.25,
+        interval=0.25,
     )
     cluster.s3.stop()
     try:

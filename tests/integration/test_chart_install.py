@@ -12,12 +12,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from localcluster.controlplane import ControlPlane
+from localcluster.pytest_plugin import wait_until
 from localcluster.seaweedfs import free_ports
 
 pytestmark = pytest.mark.integration
@@ -53,22 +53,12 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
-def wait_for(predicate: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("timed out")
-
-
 def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, plane: ControlPlane,
                                                                   tmp_path: Path) -> None:
     kubeconfig = plane.admin_kubeconfig
     for ns in (SYSTEM_NS, TEAM_NS):
         kubectl(kubeconfig, "create", "namespace", ns)
-    wait_for(lambda: kubectl(kubeconfig, "get", "serviceaccount", "default", "-n", TEAM_NS, "--ignore-not-found"))
+    wait_until(lambda: kubectl(kubeconfig, "get", "serviceaccount", "default", "-n", TEAM_NS, "--ignore-not-found"))
     rendered = subprocess.run(
         [str(helm), "template", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--include-crds",
          "--set", f"watchNamespaces={{{TEAM_NS}}}", "--set", "rbac.scope=namespace"],
@@ -101,7 +91,7 @@ def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, pla
         job = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
         job["metadata"]["namespace"] = TEAM_NS
         kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job))
-        pods = wait_for(lambda: json.loads(kubectl(kubeconfig, "get", "pods", "-n", TEAM_NS, "-o", "json"))["items"])
+        pods = wait_until(lambda: json.loads(kubectl(kubeconfig, "get", "pods", "-n", TEAM_NS, "-o", "json"))["items"])
         assert [p["metadata"]["name"] for p in pods] == ["tiny-cpu-a0-n0"]
         image = pods[0]["spec"]["containers"][0]["image"]
         values = yaml.safe_load((CHART / "values.yaml").read_text())

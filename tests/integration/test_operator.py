@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -30,11 +29,12 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from finetune_trainer.config import config_from_dict
 from localcluster.chart import install_chart
 from localcluster.controlplane import ControlPlane
+from localcluster.pytest_plugin import wait_until
+from localcluster.seaweedfs import free_ports
 
 pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-T = TypeVar("T")
 JOBS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
 
 BASE_SPEC: dict[str, Any] = {
@@ -47,24 +47,6 @@ BASE_SPEC: dict[str, Any] = {
     "storage": {"credentialsSecret": "s3-credentials"},
     "restartBackoff": {"initialSeconds": 0, "maxSeconds": 0},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
-    """Poll until ``probe`` returns something truthy; its last value is in the failure message."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
 class Client:
@@ -90,7 +72,7 @@ class Client:
         """A new namespace, once its ``default`` ServiceAccount exists (pods are refused before)."""
         name = f"t-{uuid.uuid4().hex[:10]}"
         self.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        wait_for(lambda: self.call("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+        wait_until(lambda: self.call("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default"),
                  what="the namespace's default ServiceAccount")
         return name
 
@@ -158,8 +140,7 @@ class OperatorProcess:
     def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
-        self.metrics_port = free_port()
-        self.health_port = free_port()
+        self.metrics_port, self.health_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -171,7 +152,7 @@ class OperatorProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        wait_for(self.healthy, timeout=60, what="the operator's liveness endpoint")
+        wait_until(self.healthy, timeout=60, what="the operator's liveness endpoint")
 
     def healthy(self) -> bool:
         assert self.process is not None
@@ -247,7 +228,7 @@ def pods_are(client: Client, ns: str, names: list[str]) -> Callable[[], bool]:
 def events_are(client: Client, ns: str, job: str, reasons: list[str]) -> None:
     """The job's Events reach exactly ``reasons``: the operator posts them after the status patch, which comes
     after the pods, so the last one may land a moment after what the test waited for."""
-    wait_for(lambda: client.event_reasons(ns, job) == reasons, what=f"events {reasons}")
+    wait_until(lambda: client.event_reasons(ns, job) == reasons, what=f"events {reasons}")
     assert client.event_reasons(ns, job) == reasons
 
 
@@ -257,7 +238,7 @@ def events_are(client: Client, ns: str, job: str, reasons: list[str]) -> None:
 def test_create_makes_the_service_config_and_pods_with_exact_env(client: Client, ns: str) -> None:
     client.create_job(ns, "llm", distributed={"nodes": 2, "procsPerNode": 2}, resources={"cpu": "4"},
                       env=[{"name": "NCCL_DEBUG", "value": "WARN"}])
-    wait_for(pods_are(client, ns, ["llm-a0-n0", "llm-a0-n1"]), what="two pods")
+    wait_until(pods_are(client, ns, ["llm-a0-n0", "llm-a0-n1"]), what="two pods")
     job = client.job(ns, "llm")
     assert job is not None
     owner = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "llm",
@@ -295,38 +276,38 @@ def test_create_makes_the_service_config_and_pods_with_exact_env(client: Client,
          "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}},
         {"name": "NCCL_DEBUG", "value": "WARN"},
     ]
-    status = wait_for(phase_is(client, ns, "llm", "Pending"), what="Pending")
+    status = wait_until(phase_is(client, ns, "llm", "Pending"), what="Pending")
     assert (status["attempt"], status["restarts"], status["observedGeneration"]) == (0, 0, 1)
-    assert wait_for(lambda: client.event_reasons(ns, "llm"), what="an event") == ["Created"]
+    assert wait_until(lambda: client.event_reasons(ns, "llm"), what="an event") == ["Created"]
 
 
 def test_pod_phases_drive_the_status_to_success(client: Client, ns: str) -> None:
     client.create_job(ns, "ok")
-    wait_for(pods_are(client, ns, ["ok-a0-n0", "ok-a0-n1"]))
+    wait_until(pods_are(client, ns, ["ok-a0-n0", "ok-a0-n1"]))
     client.run_pod(ns, "ok-a0-n0")
     time.sleep(0.3)
     assert client.status(ns, "ok")["phase"] == "Pending"
     client.run_pod(ns, "ok-a0-n1")
-    running = wait_for(phase_is(client, ns, "ok", "Running"), what="Running")
+    running = wait_until(phase_is(client, ns, "ok", "Running"), what="Running")
     assert running["startTime"]
     assert [c["type"] for c in running["conditions"] if c["status"] == "True"] == ["Running"]
     client.end_pod(ns, "ok-a0-n0", 0)
-    done = wait_for(phase_is(client, ns, "ok", "Succeeded"), what="Succeeded")
+    done = wait_until(phase_is(client, ns, "ok", "Succeeded"), what="Succeeded")
     assert done["model"] == {"uri": "s3://finetune-output/run/model/", "export": "full"}
     assert done["completionTime"]
-    wait_for(pods_are(client, ns, []), what="cleanPodPolicy All to remove the pods")
+    wait_until(pods_are(client, ns, []), what="cleanPodPolicy All to remove the pods")
     events_are(client, ns, "ok", ["Created", "AllPodsRunning", "Succeeded"])
 
 
 def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str) -> None:
     client.create_job(ns, "crash", backoffLimit=2)
-    wait_for(pods_are(client, ns, ["crash-a0-n0", "crash-a0-n1"]))
+    wait_until(pods_are(client, ns, ["crash-a0-n0", "crash-a0-n1"]))
     client.run_pod(ns, "crash-a0-n0")
     client.run_pod(ns, "crash-a0-n1")
-    wait_for(phase_is(client, ns, "crash", "Running"))
+    wait_until(phase_is(client, ns, "crash", "Running"))
     client.end_pod(ns, "crash-a0-n1", 1, "RuntimeError: NCCL timeout")
-    wait_for(pods_are(client, ns, ["crash-a1-n0", "crash-a1-n1"]), what="attempt 1's pods")
-    status = wait_for(phase_is(client, ns, "crash", "Pending"))
+    wait_until(pods_are(client, ns, ["crash-a1-n0", "crash-a1-n1"]), what="attempt 1's pods")
+    status = wait_until(phase_is(client, ns, "crash", "Pending"))
     assert (status["attempt"], status["restarts"], status["countedFailures"]) == (1, 1, 1)
     config_map = client.config_maps(ns)[0]
     assert json.loads(config_map["data"]["config.json"])["job"]["attempt"] == 1
@@ -335,20 +316,20 @@ def test_a_failed_pod_restarts_the_gang_as_a_new_attempt(client: Client, ns: str
 
 def test_backoff_limit_exhausted_fails_the_job(client: Client, ns: str) -> None:
     client.create_job(ns, "flaky", backoffLimit=0)
-    wait_for(pods_are(client, ns, ["flaky-a0-n0", "flaky-a0-n1"]))
+    wait_until(pods_are(client, ns, ["flaky-a0-n0", "flaky-a0-n1"]))
     client.end_pod(ns, "flaky-a0-n0", 1, "boom")
-    status = wait_for(phase_is(client, ns, "flaky", "Failed"))
+    status = wait_until(phase_is(client, ns, "flaky", "Failed"))
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "BackoffLimitExceeded"
     assert "boom" in status["message"]
-    wait_for(pods_are(client, ns, []))
+    wait_until(pods_are(client, ns, []))
 
 
 def test_preemption_restarts_without_counting(client: Client, ns: str) -> None:
     client.create_job(ns, "spot", backoffLimit=0)
-    wait_for(pods_are(client, ns, ["spot-a0-n0", "spot-a0-n1"]))
+    wait_until(pods_are(client, ns, ["spot-a0-n0", "spot-a0-n1"]))
     client.end_pod(ns, "spot-a0-n1", 75, "preempted: checkpoint step 40 saved")
-    wait_for(pods_are(client, ns, ["spot-a1-n0", "spot-a1-n1"]), what="attempt 1")
+    wait_until(pods_are(client, ns, ["spot-a1-n0", "spot-a1-n1"]), what="attempt 1")
     status = client.status(ns, "spot")
     assert (status["restarts"], status["countedFailures"]) == (1, 0)
     assert "Preempted" in client.event_reasons(ns, "spot")
@@ -356,9 +337,9 @@ def test_preemption_restarts_without_counting(client: Client, ns: str) -> None:
 
 def test_invalid_exit_fails_at_once_with_the_termination_message(client: Client, ns: str) -> None:
     client.create_job(ns, "bad-data")
-    wait_for(pods_are(client, ns, ["bad-data-a0-n0", "bad-data-a0-n1"]))
+    wait_until(pods_are(client, ns, ["bad-data-a0-n0", "bad-data-a0-n1"]))
     client.end_pod(ns, "bad-data-a0-n0", 64, "dataset.format: row 3 has no 'messages' column")
-    status = wait_for(phase_is(client, ns, "bad-data", "Failed"))
+    status = wait_until(phase_is(client, ns, "bad-data", "Failed"))
     assert "dataset.format: row 3 has no 'messages' column" in status["message"]
     assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "PermanentError"
     assert status["restarts"] == 0
@@ -367,7 +348,7 @@ def test_invalid_exit_fails_at_once_with_the_termination_message(client: Client,
 def test_invalid_spec_fails_with_the_field_and_no_pods(client: Client, ns: str) -> None:
     # Each URI is valid alone; writing the output inside the base model's folder is not.
     client.create_job(ns, "overlap", output={"uri": "s3://models/tiny-gpt2/finetuned"})
-    status = wait_for(phase_is(client, ns, "overlap", "Failed"))
+    status = wait_until(phase_is(client, ns, "overlap", "Failed"))
     invalid = next(c for c in status["conditions"] if c["type"] == "InvalidSpec")
     assert invalid["message"].startswith("spec.output.uri: "), invalid
     assert client.pod_names(ns) == []
@@ -376,37 +357,37 @@ def test_invalid_spec_fails_with_the_field_and_no_pods(client: Client, ns: str) 
 
 def test_suspend_and_resume(client: Client, ns: str) -> None:
     client.create_job(ns, "queued", suspend=True)
-    status = wait_for(phase_is(client, ns, "queued", "Suspended"))
+    status = wait_until(phase_is(client, ns, "queued", "Suspended"))
     assert client.pod_names(ns) == []
     assert status["attempt"] == 0
     client.patch_job(ns, "queued", {"spec": {"suspend": False}})
-    wait_for(pods_are(client, ns, ["queued-a0-n0", "queued-a0-n1"]), what="pods after admission")
+    wait_until(pods_are(client, ns, ["queued-a0-n0", "queued-a0-n1"]), what="pods after admission")
     client.run_pod(ns, "queued-a0-n0")
     client.run_pod(ns, "queued-a0-n1")
-    wait_for(phase_is(client, ns, "queued", "Running"))
+    wait_until(phase_is(client, ns, "queued", "Running"))
     client.patch_job(ns, "queued", {"spec": {"suspend": True}})
-    wait_for(pods_are(client, ns, []), what="preemption by suspend to delete the pods")
-    status = wait_for(phase_is(client, ns, "queued", "Suspended"))
+    wait_until(pods_are(client, ns, []), what="preemption by suspend to delete the pods")
+    status = wait_until(phase_is(client, ns, "queued", "Suspended"))
     assert (status["attempt"], status["restarts"]) == (1, 1)
     client.patch_job(ns, "queued", {"spec": {"suspend": False}})
-    wait_for(pods_are(client, ns, ["queued-a1-n0", "queued-a1-n1"]), what="the next attempt on resume")
+    wait_until(pods_are(client, ns, ["queued-a1-n0", "queued-a1-n1"]), what="the next attempt on resume")
     events_are(client, ns, "queued", ["Suspended", "Resumed", "AllPodsRunning", "Suspended", "Resumed"])
 
 
 def test_active_deadline(client: Client, ns: str) -> None:
     client.create_job(ns, "slow", activeDeadlineSeconds=11, checkpoint={"gracePeriodSeconds": 10})
-    wait_for(pods_are(client, ns, ["slow-a0-n0", "slow-a0-n1"]))
+    wait_until(pods_are(client, ns, ["slow-a0-n0", "slow-a0-n1"]))
     client.run_pod(ns, "slow-a0-n0")
     client.run_pod(ns, "slow-a0-n1")
-    wait_for(phase_is(client, ns, "slow", "Running"))
-    status = wait_for(phase_is(client, ns, "slow", "Failed"), timeout=20, what="DeadlineExceeded")
+    wait_until(phase_is(client, ns, "slow", "Running"))
+    status = wait_until(phase_is(client, ns, "slow", "Failed"), timeout=20, what="DeadlineExceeded")
     assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
-    wait_for(pods_are(client, ns, []))
+    wait_until(pods_are(client, ns, []))
 
 
 def test_failed_scheduling_waits_for_capacity_then_times_out(client: Client, ns: str) -> None:
     client.create_job(ns, "big", capacityTimeoutSeconds=3, resources={"gpus": 8})
-    wait_for(pods_are(client, ns, ["big-a0-n0", "big-a0-n1"]))
+    wait_until(pods_are(client, ns, ["big-a0-n0", "big-a0-n1"]))
     message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     client.call("POST", f"/api/v1/namespaces/{ns}/events", {
         "apiVersion": "v1", "kind": "Event", "metadata": {"name": "big-a0-n1.sched", "namespace": ns},
@@ -416,12 +397,12 @@ def test_failed_scheduling_waits_for_capacity_then_times_out(client: Client, ns:
         "source": {"component": "default-scheduler"},
     })
     # The event carries no pod change: the operator's resync finds it.
-    waiting = wait_for(lambda: next((c for c in client.status(ns, "big").get("conditions", [])
+    waiting = wait_until(lambda: next((c for c in client.status(ns, "big").get("conditions", [])
                                      if c["type"] == "WaitingForCapacity" and c["status"] == "True"), None),
                        what="WaitingForCapacity")
     assert (waiting["reason"], waiting["message"]) == ("FailedScheduling", message)
     assert client.status(ns, "big")["phase"] == "Pending"
-    status = wait_for(phase_is(client, ns, "big", "Failed"), timeout=15, what="CapacityTimeout")
+    status = wait_until(phase_is(client, ns, "big", "Failed"), timeout=15, what="CapacityTimeout")
     assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "CapacityTimeout"
     assert "WaitingForCapacity" in client.event_reasons(ns, "big")
 
@@ -429,12 +410,12 @@ def test_failed_scheduling_waits_for_capacity_then_times_out(client: Client, ns:
 def test_operator_restarted_mid_job_creates_no_duplicates(client: Client, ns: str,
                                                           operator: OperatorProcess) -> None:
     client.create_job(ns, "survivor")
-    wait_for(pods_are(client, ns, ["survivor-a0-n0", "survivor-a0-n1"]))
+    wait_until(pods_are(client, ns, ["survivor-a0-n0", "survivor-a0-n1"]))
     operator.stop(signal.SIGKILL)
     client.run_pod(ns, "survivor-a0-n0")
     client.run_pod(ns, "survivor-a0-n1")
     operator.start()
-    wait_for(phase_is(client, ns, "survivor", "Running"), what="Running after the restart")
+    wait_until(phase_is(client, ns, "survivor", "Running"), what="Running after the restart")
     time.sleep(1.5)
     assert client.pod_names(ns) == ["survivor-a0-n0", "survivor-a0-n1"]
     assert client.status(ns, "survivor")["attempt"] == 0
@@ -442,10 +423,10 @@ def test_operator_restarted_mid_job_creates_no_duplicates(client: Client, ns: st
 
 def test_deleting_the_job_removes_its_children(client: Client, ns: str) -> None:
     client.create_job(ns, "gone")
-    wait_for(pods_are(client, ns, ["gone-a0-n0", "gone-a0-n1"]))
+    wait_until(pods_are(client, ns, ["gone-a0-n0", "gone-a0-n1"]))
     client.delete_job(ns, "gone")
-    wait_for(lambda: client.job(ns, "gone") is None, what="the job to go")
-    wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
+    wait_until(lambda: client.job(ns, "gone") is None, what="the job to go")
+    wait_until(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
              and not client.config_maps(ns), what="garbage collection of the children")
 
 
@@ -459,12 +440,12 @@ def kopf_marks(job: dict[str, Any] | None) -> dict[str, Any]:
 
 def test_a_running_job_never_carries_a_kopf_finalizer(client: Client, ns: str) -> None:
     client.create_job(ns, "plain")
-    wait_for(pods_are(client, ns, ["plain-a0-n0", "plain-a0-n1"]))
-    wait_for(phase_is(client, ns, "plain", "Pending"))
+    wait_until(pods_are(client, ns, ["plain-a0-n0", "plain-a0-n1"]))
+    wait_until(phase_is(client, ns, "plain", "Pending"))
     assert kopf_marks(client.job(ns, "plain")) == {"finalizers": [], "annotations": []}
     client.run_pod(ns, "plain-a0-n0")
     client.run_pod(ns, "plain-a0-n1")
-    wait_for(phase_is(client, ns, "plain", "Running"))
+    wait_until(phase_is(client, ns, "plain", "Running"))
     time.sleep(1.5)  # a resync round or more
     assert kopf_marks(client.job(ns, "plain")) == {"finalizers": [], "annotations": []}
 
@@ -473,16 +454,16 @@ def test_a_job_deleted_while_the_operator_is_down_goes_away_with_its_children(
     client: Client, ns: str, operator: OperatorProcess
 ) -> None:
     client.create_job(ns, "orphan")
-    wait_for(pods_are(client, ns, ["orphan-a0-n0", "orphan-a0-n1"]))
+    wait_until(pods_are(client, ns, ["orphan-a0-n0", "orphan-a0-n1"]))
     client.run_pod(ns, "orphan-a0-n0")
     client.run_pod(ns, "orphan-a0-n1")
-    wait_for(phase_is(client, ns, "orphan", "Running"))
+    wait_until(phase_is(client, ns, "orphan", "Running"))
     operator.stop()
     try:
         client.delete_job(ns, "orphan")
         # Nothing holds the deletion: no finalizer, and the garbage collector follows the owner references.
-        wait_for(lambda: client.job(ns, "orphan") is None, timeout=3, what="the job to go without an operator")
-        wait_for(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
+        wait_until(lambda: client.job(ns, "orphan") is None, timeout=3, what="the job to go without an operator")
+        wait_until(lambda: not client.items(ns, "pods") and not client.items(ns, "services")
                  and not client.config_maps(ns), timeout=5, what="its pods, Service and ConfigMap to go")
     finally:
         operator.start()
@@ -490,8 +471,8 @@ def test_a_job_deleted_while_the_operator_is_down_goes_away_with_its_children(
 
 def test_the_resync_drives_a_job_on_without_any_watch_event(client: Client, ns: str) -> None:
     client.create_job(ns, "stuck", capacityTimeoutSeconds=2, resources={"gpus": 8})
-    wait_for(pods_are(client, ns, ["stuck-a0-n0", "stuck-a0-n1"]))
-    wait_for(phase_is(client, ns, "stuck", "Pending"))
+    wait_until(pods_are(client, ns, ["stuck-a0-n0", "stuck-a0-n1"]))
+    wait_until(phase_is(client, ns, "stuck", "Pending"))
 
     def versions() -> list[str]:
         job = client.job(ns, "stuck") or {}
@@ -507,12 +488,12 @@ def test_the_resync_drives_a_job_on_without_any_watch_event(client: Client, ns: 
         "source": {"component": "default-scheduler"},
     })
     assert versions() == quiet, "neither the job nor its pods changed: no watch event"
-    wait_for(lambda: any(c["type"] == "WaitingForCapacity" and c["status"] == "True"
+    wait_until(lambda: any(c["type"] == "WaitingForCapacity" and c["status"] == "True"
                          for c in client.status(ns, "stuck").get("conditions", [])),
              timeout=4, what="WaitingForCapacity from a resync (every 1 s here)")
-    status = wait_for(phase_is(client, ns, "stuck", "Failed"), timeout=8, what="Failed by CapacityTimeout")
+    status = wait_until(phase_is(client, ns, "stuck", "Failed"), timeout=8, what="Failed by CapacityTimeout")
     assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "CapacityTimeout"
-    wait_for(pods_are(client, ns, []), what="the gang deleted")
+    wait_until(pods_are(client, ns, []), what="the gang deleted")
 
 
 def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -> None:
@@ -532,10 +513,10 @@ def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -
     try:
         port = server.server_port
         client.create_job(ns, "watched", metrics={"port": port})
-        wait_for(pods_are(client, ns, ["watched-a0-n0", "watched-a0-n1"]))
+        wait_until(pods_are(client, ns, ["watched-a0-n0", "watched-a0-n1"]))
         client.run_pod(ns, "watched-a0-n0", ip="127.0.0.1")
         client.run_pod(ns, "watched-a0-n1", ip="127.0.0.2")
-        status = wait_for(lambda: client.status(ns, "watched") if client.status(ns, "watched").get("progress")
+        status = wait_until(lambda: client.status(ns, "watched") if client.status(ns, "watched").get("progress")
                           else None, what="status.progress")
         assert status["progress"]["summary"] == "10/100 (10%)"
         assert status["metrics"] == {"loss": 2.5, "evalLoss": 2.75, "tokensPerSecond": 1000.0,
@@ -543,7 +524,7 @@ def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -
         assert status["latestCheckpoint"] == {"uri": "s3://finetune-output/run/checkpoints/step-00000010/",
                                               "step": 10}
         gauges["finetune_step"].set(40)
-        status = wait_for(lambda: client.status(ns, "watched") if "eta" in client.status(ns, "watched").get(
+        status = wait_until(lambda: client.status(ns, "watched") if "eta" in client.status(ns, "watched").get(
             "progress", {}) else None, what="an ETA from two readings")
         progress = status["progress"]
         assert (progress["step"], progress["totalSteps"], progress["percent"]) == (40, 100, 40.0)
@@ -557,8 +538,8 @@ def test_progress_comes_from_rank_0s_metrics_endpoint(client: Client, ns: str) -
 
 def test_operator_metrics(client: Client, ns: str, operator: OperatorProcess) -> None:
     client.create_job(ns, "counted")
-    wait_for(phase_is(client, ns, "counted", "Pending"))
-    text = wait_for(lambda: operator.metrics() if 'finetune_operator_jobs{phase="Pending"}' in operator.metrics()
+    wait_until(phase_is(client, ns, "counted", "Pending"))
+    text = wait_until(lambda: operator.metrics() if 'finetune_operator_jobs{phase="Pending"}' in operator.metrics()
                     else None, what="the jobs gauge")
     for name in ("finetune_operator_jobs_created_total", "finetune_operator_reconcile_seconds_bucket",
                  'finetune_operator_api_requests_total{verb="create"}', "process_resident_memory_bytes"):
@@ -583,7 +564,7 @@ def test_children_block_owner_deletion_under_owner_references_permission_enforce
     assert control_plane.kubectl("auth", "can-i", "update", "finetunejobs.finetune.dev", "--subresource=finalizers",
                                  "-n", ns, kubeconfig=operator_kubeconfig).strip() == "yes"
     client.create_job(ns, "owned")
-    wait_for(pods_are(client, ns, ["owned-a0-n0", "owned-a0-n1"]), what="the gang")
+    wait_until(pods_are(client, ns, ["owned-a0-n0", "owned-a0-n1"]), what="the gang")
     uid = (client.job(ns, "owned") or {})["metadata"]["uid"]
     children = [*client.items(ns, "pods"), *client.items(ns, "services"), *client.config_maps(ns)]
     assert len(children) == 4
@@ -612,7 +593,7 @@ def test_pods_the_api_refuses_fail_the_job_with_the_apis_message(
     client: Client, ns: str, spec: dict[str, Any], reason: str, words: str
 ) -> None:
     client.create_job(ns, "refused", **spec)
-    status = wait_for(phase_is(client, ns, "refused", "Failed"), timeout=20, what="Failed")
+    status = wait_until(phase_is(client, ns, "refused", "Failed"), timeout=20, what="Failed")
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == reason
     assert words in status["message"], status["message"]
@@ -622,7 +603,7 @@ def test_pods_the_api_refuses_fail_the_job_with_the_apis_message(
 
 def test_a_job_recreated_under_the_same_name_never_reuses_the_old_jobs_children(client: Client, ns: str) -> None:
     client.create_job(ns, "again")
-    wait_for(pods_are(client, ns, ["again-a0-n0", "again-a0-n1"]), what="the first job's gang")
+    wait_until(pods_are(client, ns, ["again-a0-n0", "again-a0-n1"]), what="the first job's gang")
     old_uid = (client.job(ns, "again") or {})["metadata"]["uid"]
     client.delete_job(ns, "again")
     client.create_job(ns, "again")
@@ -635,5 +616,5 @@ def test_a_job_recreated_under_the_same_name_never_reuses_the_old_jobs_children(
 
     # The garbage collector removes the old job's children; the new job's are created in their place, not
     # adopted from the old job (which the collector would then delete under the new one).
-    wait_for(children_of_the_new_job, timeout=30, what="the new job's own Service, ConfigMap and pods")
-    assert wait_for(phase_is(client, ns, "again", "Pending"))["attempt"] == 0
+    wait_until(children_of_the_new_job, timeout=30, what="the new job's own Service, ConfigMap and pods")
+    assert wait_until(phase_is(client, ns, "again", "Pending"))["attempt"] == 0

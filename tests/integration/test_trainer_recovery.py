@@ -8,9 +8,10 @@ import signal
 import time
 
 import pytest
-from trainer_helpers import TrainerSetup, wait_until, worker_pids
+from trainer_helpers import TrainerSetup, worker_pids
 
 from finetune_trainer import exit_codes
+from localcluster.pytest_plugin import wait_until
 from localcluster.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.integration
