@@ -44,6 +44,11 @@ PORT_NAMES = (
 # `weed mini`'s maintenance worker dials the admin server at admin.port + 10000 whatever admin.port.grpc says,
 # so the admin pair is chosen together with exactly that offset.
 ADMIN_GRPC_OFFSET = 10000
+# Linux's default ip_local_port_range starts here: a listening port chosen below it is never taken by an outgoing
+# connection between choosing it and binding it.
+EPHEMERAL_PORTS_START = 32768
+# weed refuses a port taken since it was chosen with one of these messages; a new set of ports is tried then.
+PORT_TAKEN_MESSAGES = ("address already in use", "Port allocation failed")
 # A unix socket path is limited to ~108 bytes; longer data dirs fall back to the system temp dir.
 MAX_SOCKET_PATH = 100
 
@@ -64,10 +69,12 @@ def find_weed() -> str:
 
 
 def free_port_pair(offset: int, host: str = "127.0.0.1") -> tuple[int, int]:
-    """A port p with p and p + offset both free on host right now."""
+    """A port p with p and p + offset both free on host right now, below the ephemeral range where the offset
+    allows (the control plane's many outgoing connections take ports there at any moment)."""
     rng = random.Random()
+    top = EPHEMERAL_PORTS_START - offset if EPHEMERAL_PORTS_START - offset > 20000 + 100 else 65535 - offset
     for _ in range(200):
-        low = rng.randrange(20000, 65535 - offset)
+        low = rng.randrange(20000, top)
         try:
             with socket.socket() as first, socket.socket() as second:
                 first.bind((host, low))
@@ -79,13 +86,23 @@ def free_port_pair(offset: int, host: str = "127.0.0.1") -> tuple[int, int]:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Distinct ports free right now on host (all sockets held open together so none repeats)."""
+    """Distinct ports free right now on host, below the ephemeral range, so that no outgoing connection takes
+    one between choosing it and the server binding it (all held open together so none repeats)."""
+    rng = random.Random()
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for _ in range(count * 50):
+            if len(sockets) == count:
+                break
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
+            try:
+                sock.bind((host, rng.randrange(20000, EPHEMERAL_PORTS_START)))
+            except OSError:
+                sock.close()
+                continue
             sockets.append(sock)
+        if len(sockets) < count:
+            raise SeaweedFSError(f"not {count} free ports below {EPHEMERAL_PORTS_START} on {host}")
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
@@ -167,8 +184,8 @@ class SeaweedFS:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_identities()
-        # First start only: a port taken between choosing it and weed binding it gets one more try.
-        attempts = 1 if self._ports else 2
+        # First start only: a port taken between choosing it and weed binding it gets new ports, twice.
+        attempts = 1 if self._ports else 3
         for attempt in range(attempts):
             if not self._ports or attempt > 0:
                 self._ports = self._choose_ports()
@@ -177,7 +194,7 @@ class SeaweedFS:
                 return
             except SeaweedFSError:
                 self.stop()
-                if attempt + 1 == attempts or "address already in use" not in self._log_tail():
+                if attempt + 1 == attempts or not any(m in self._log_tail() for m in PORT_TAKEN_MESSAGES):
                     raise
 
     def stop(self) -> None:
