@@ -137,9 +137,6 @@ class ControlPlane:
     def log_tail(self, component: str, lines: int = 40) -> str:
         return log_tail(self.work_dir / f"{component}.log", lines)
 
-    def running(self, component: str) -> bool:
-        return any(name == component and p.poll() is None for name, p in self._processes)
-
     # --- identities ---------------------------------------------------------------------------------------
 
     def client_kubeconfig(self, path: Path, user: str, groups: tuple[str, ...] = (), namespace: str = "default"

@@ -348,7 +348,7 @@ class Kubelet:
         directory = self.work_dir / "pods" / meta.get("namespace", "default") / f"{meta['name']}-{meta['uid'][:8]}"
         requests = pod_requests(pod)
         record = PodRecord(pod=pod, ip=self._allocate_ip((pod.get("status") or {}).get("podIP")),
-                           directory=directory, requests=requests)
+                           directory=directory)
         gpus = int(requests.get(GPU_RESOURCE, 0))
         free_gpus = [index for index in range(self.gpus) if index not in self._gpus_in_use]
         record.gpu_ids = free_gpus[:gpus]

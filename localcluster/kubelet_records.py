@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localcluster.kubelet_pods import Resources, condition, now_iso, qos_class
+from localcluster.kubelet_pods import condition, now_iso, qos_class
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 DEFAULT_GRACE_S = 30
@@ -38,7 +38,6 @@ class PodRecord:
     pod: dict[str, Any]
     ip: str
     directory: Path
-    requests: Resources
     gpu_ids: list[int] = field(default_factory=list)
     phase: str = "Pending"
     reason: str | None = None
