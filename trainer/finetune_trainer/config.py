@@ -30,10 +30,20 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+def _help(
+    text: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A documented setting; its range is the FineTuneJob CRD's (the contract test compares the two)."""
+    metadata = {"help": text, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": text}, **kwargs)
-    return field(default=default, metadata={"help": text}, **kwargs)
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,11 @@ class DatasetConfig:
     uri: str = _help("A .jsonl/.json/.parquet file or a prefix of them.")
     format: Literal["text", "promptCompletion", "chat"] = _help("Row layout.", "chat")
     evalSplit: float | None = _help(
-        "Fraction of rows held out for evaluation (0.1 when evalUri is absent).", None
+        "Fraction of rows held out for evaluation (0.1 when evalUri is absent).",
+        None,
+        minimum=0,
+        maximum=0.5,
+        exclusive_minimum=True,
     )
     evalUri: str | None = _help("Separate evaluation data.", None)
     textField: str = _help("Column of format 'text'.", "text")
@@ -65,7 +79,10 @@ class DatasetConfig:
     completionField: str = _help("Completion column of format 'promptCompletion'.", "completion")
     messagesField: str = _help("Messages column of format 'chat'.", "messages")
     maxMalformedRows: int = _help(
-        "Malformed rows that may be skipped (counted, logged); 0 fails on the first.", 0
+        "Malformed rows that may be skipped (counted, logged); 0 fails on the first.",
+        0,
+        minimum=0,
+        maximum=1_000_000,
     )
 
     @property
@@ -85,9 +102,9 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = _help("Adapter rank.", 16)
-    alpha: int = _help("Scaling numerator (update scaled by alpha / r).", 32)
-    dropout: float = _help("Dropout on the adapter input.", 0.05)
+    r: int = _help("Adapter rank.", 16, minimum=1, maximum=1024)
+    alpha: int = _help("Scaling numerator (update scaled by alpha / r).", 32, minimum=1, maximum=4096)
+    dropout: float = _help("Dropout on the adapter input.", 0.05, minimum=0, maximum=0.9)
     targetModules: list[str] = _help(
         "Modules to adapt; empty means the model type's attention projections.", default_factory=list
     )
@@ -95,24 +112,32 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    patience: int = _help("Evaluations without improvement before stopping.")
+    patience: int = _help("Evaluations without improvement before stopping.", minimum=1, maximum=1000)
     metric: Literal["evalLoss"] = _help("Watched metric (lower is better).", "evalLoss")
-    minDelta: float = _help("Smallest decrease that counts as an improvement.", 0.0)
+    minDelta: float = _help("Smallest decrease that counts as an improvement.", 0.0, minimum=0)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     method: Literal["full", "lora"] = _help("'full' or 'lora'.", "full")
     lora: LoraConfig | None = _help("LoRA settings (method 'lora' only).", None)
-    learningRate: float = _help("Peak learning rate.", 2e-4)
-    weightDecay: float = _help("AdamW weight decay.", 0.0)
-    epochs: float | None = _help("Passes over the data; exactly one of epochs and maxSteps.", None)
-    maxSteps: int | None = _help("Optimizer steps; exactly one of epochs and maxSteps.", None)
-    batchSize: int = _help("Sequences per device per micro-step.", 1)
-    gradientAccumulationSteps: int = _help("Micro-steps per optimizer step.", 1)
-    maxSeqLength: int = _help("Truncation length in tokens.", 1024)
+    learningRate: float = _help("Peak learning rate.", 2e-4, minimum=0, maximum=1, exclusive_minimum=True)
+    weightDecay: float = _help("AdamW weight decay.", 0.0, minimum=0, maximum=1)
+    epochs: float | None = _help(
+        "Passes over the data; exactly one of epochs and maxSteps.",
+        None,
+        minimum=0,
+        maximum=1000,
+        exclusive_minimum=True,
+    )
+    maxSteps: int | None = _help(
+        "Optimizer steps; exactly one of epochs and maxSteps.", None, minimum=1, maximum=100_000_000
+    )
+    batchSize: int = _help("Sequences per device per micro-step.", 1, minimum=1, maximum=4096)
+    gradientAccumulationSteps: int = _help("Micro-steps per optimizer step.", 1, minimum=1, maximum=4096)
+    maxSeqLength: int = _help("Truncation length in tokens.", 1024, minimum=8, maximum=65536)
     packing: bool = _help("Pack several examples per sequence.", False)
-    warmupRatio: float = _help("Fraction of steps warming the learning rate up.", 0.0)
+    warmupRatio: float = _help("Fraction of steps warming the learning rate up.", 0.0, minimum=0, maximum=0.5)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
         "LR schedule.", "cosine"
     )
@@ -120,9 +145,11 @@ class TrainingConfig:
         "'auto': bf16 on capable GPUs, fp32 on CPU.", "auto"
     )
     gradientCheckpointing: bool = _help("Recompute activations to save memory.", False)
-    seed: int = _help("Seed for data order, dropout and new weights.", 42)
-    evalEvery: int | None = _help("Evaluate every N steps (and at the end).", None)
-    logEvery: int = _help("Log metrics every N steps.", 10)
+    seed: int = _help("Seed for data order, dropout and new weights.", 42, minimum=0, maximum=4_294_967_295)
+    evalEvery: int | None = _help(
+        "Evaluate every N steps (and at the end).", None, minimum=1, maximum=100_000_000
+    )
+    logEvery: int = _help("Log metrics every N steps.", 10, minimum=1, maximum=1_000_000)
     earlyStopping: EarlyStoppingConfig | None = _help("Stop when eval loss stops improving.", None)
 
     @property
@@ -132,19 +159,25 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zeroStage: int = _help("ZeRO stage 0-3.", 2)
+    zeroStage: int = _help("ZeRO stage 0-3.", 2, minimum=0, maximum=3)
     offloadOptimizer: bool = _help("Optimizer states in CPU memory (stage >= 2).", False)
     offloadParams: bool = _help("Parameters in CPU memory (stage 3).", False)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    everySteps: int | None = _help("Checkpoint every N optimizer steps.", None)
+    everySteps: int | None = _help("Checkpoint every N optimizer steps.", None, minimum=1, maximum=100_000_000)
     everyMinutes: float | None = _help(
-        "Checkpoint when this many minutes passed (30 when neither is set).", None
+        "Checkpoint when this many minutes passed (30 when neither is set).",
+        None,
+        minimum=0,
+        maximum=10080,
+        exclusive_minimum=True,
     )
-    keep: int = _help("Newest complete checkpoints kept, plus the best.", 3)
-    gracePeriodSeconds: int = _help("Budget after SIGTERM for the emergency checkpoint and its upload.", 120)
+    keep: int = _help("Newest complete checkpoints kept, plus the best.", 3, minimum=1, maximum=1000)
+    gracePeriodSeconds: int = _help(
+        "Budget after SIGTERM for the emergency checkpoint and its upload.", 120, minimum=10, maximum=3600
+    )
 
     @property
     def effective_every_minutes(self) -> float | None:
@@ -155,7 +188,9 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    port: int = _help("Metrics port of local rank 0; local rank N listens on port + N.", 9400)
+    port: int = _help(
+        "Metrics port of local rank 0; local rank N listens on port + N.", 9400, minimum=1024, maximum=65535
+    )
     pushgateway: str | None = _help("Pushgateway URL rank 0 pushes to at each log and at exit.", None)
 
 
@@ -296,6 +331,8 @@ def _from_dict(cls: type[T], data: Any, path: str) -> T:
         where = _join(path, name)
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], where)
+            _check_range(where, kwargs[name], f.metadata.get("minimum"), f.metadata.get("maximum"),
+                         low_exclusive=f.metadata.get("exclusive_minimum", False))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(where, "required")
     return cls(**kwargs)
@@ -322,7 +359,11 @@ def _check_range(
 
 
 def validate(config: TrainerConfig) -> TrainerConfig:
-    """The checks types cannot express; returns ``config`` unchanged or raises ConfigError."""
+    """The checks types and ranges cannot express; returns ``config`` unchanged or raises ConfigError.
+
+    These repeat the FineTuneJob CRD's patterns and CEL rules on purpose: a trainer run by hand
+    (``--config FILE``) has no API server in front of it.
+    """
     for where, uri in (
         ("model.uri", config.model.uri),
         ("dataset.uri", config.dataset.uri),
@@ -334,49 +375,22 @@ def validate(config: TrainerConfig) -> TrainerConfig:
     if config.model.sha256 is not None and not re.fullmatch(r"[a-f0-9]{64}", config.model.sha256):
         raise ConfigError("model.sha256", "must be 64 lowercase hex digits")
     d = config.dataset
-    _check_range("dataset.evalSplit", d.evalSplit, 0, 0.5, low_exclusive=True)
     if d.evalSplit is not None and d.evalUri is not None:
         raise ConfigError("dataset.evalSplit", "set either dataset.evalSplit or dataset.evalUri, not both")
-    _check_range("dataset.maxMalformedRows", d.maxMalformedRows, 0)
     t = config.training
     if (t.epochs is None) == (t.maxSteps is None):
         raise ConfigError("training.epochs", "set exactly one of training.epochs and training.maxSteps")
-    _check_range("training.epochs", t.epochs, 0, 1000, low_exclusive=True)
-    _check_range("training.maxSteps", t.maxSteps, 1)
-    _check_range("training.learningRate", t.learningRate, 0, 1, low_exclusive=True)
-    _check_range("training.weightDecay", t.weightDecay, 0, 1)
-    _check_range("training.batchSize", t.batchSize, 1)
-    _check_range("training.gradientAccumulationSteps", t.gradientAccumulationSteps, 1)
-    _check_range("training.maxSeqLength", t.maxSeqLength, 8)
-    _check_range("training.warmupRatio", t.warmupRatio, 0, 0.5)
-    _check_range("training.seed", t.seed, 0)
-    _check_range("training.evalEvery", t.evalEvery, 1)
-    _check_range("training.logEvery", t.logEvery, 1)
     if t.lora is not None and t.method != "lora":
         raise ConfigError("training.lora", "only allowed with training.method 'lora'")
-    lora = t.effective_lora
-    _check_range("training.lora.r", lora.r, 1)
-    _check_range("training.lora.alpha", lora.alpha, 1)
-    _check_range("training.lora.dropout", lora.dropout, 0, 0.9)
-    if t.earlyStopping is not None:
-        if t.evalEvery is None:
-            raise ConfigError("training.earlyStopping", "needs training.evalEvery")
-        _check_range("training.earlyStopping.patience", t.earlyStopping.patience, 1)
-        _check_range("training.earlyStopping.minDelta", t.earlyStopping.minDelta, 0)
+    if t.earlyStopping is not None and t.evalEvery is None:
+        raise ConfigError("training.earlyStopping", "needs training.evalEvery")
     if config.output.export in ("adapter", "merged") and t.method != "lora":
         raise ConfigError("output.export", f"{config.output.export!r} needs training.method 'lora'")
     ds = config.deepspeed
-    _check_range("deepspeed.zeroStage", ds.zeroStage, 0, 3)
     if ds.offloadOptimizer and ds.zeroStage < 2:
         raise ConfigError("deepspeed.offloadOptimizer", "needs zeroStage 2 or 3")
     if ds.offloadParams and ds.zeroStage != 3:
         raise ConfigError("deepspeed.offloadParams", "needs zeroStage 3")
-    c = config.checkpoint
-    _check_range("checkpoint.everySteps", c.everySteps, 1)
-    _check_range("checkpoint.everyMinutes", c.everyMinutes, 0, low_exclusive=True)
-    _check_range("checkpoint.keep", c.keep, 1)
-    _check_range("checkpoint.gracePeriodSeconds", c.gracePeriodSeconds, 1)
-    _check_range("metrics.port", config.metrics.port, 1, 65535)
     if config.metrics.pushgateway is not None and not re.match(r"^https?://\S+$", config.metrics.pushgateway):
         raise ConfigError("metrics.pushgateway", "must be an http(s) URL")
     if config.storage.endpoint is not None and not re.match(r"^https?://\S+$", config.storage.endpoint):
