@@ -30,9 +30,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,9 +40,9 @@ from typing import Any
 from localcluster.chart import OPERATOR_USER, install_chart
 from localcluster.controlplane import ControlPlane
 from localcluster.kubelet import Kubelet
-from localcluster.processes import log_tail, stop_process_group
+from localcluster.operator_process import OperatorError, OperatorProcess
 from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
-from localcluster.seaweedfs import SeaweedFS, free_ports
+from localcluster.seaweedfs import SeaweedFS
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
@@ -90,7 +88,6 @@ class LocalCluster:
         self.memory = memory or _machine_memory()
         self.with_prometheus = with_prometheus and prometheus_available()
         self.with_operator = with_operator
-        self.operator_args = list(operator_args)
         self.quiet = quiet
         self.kubeconfig = self.work_dir / "kubeconfig"
         self.operator_kubeconfig = self.work_dir / "operator.kubeconfig"
@@ -99,9 +96,15 @@ class LocalCluster:
         self.kubelet: Kubelet | None = None
         self.prometheus: Prometheus | None = None
         self.pushgateway: Pushgateway | None = None
-        self.operator: subprocess.Popen[bytes] | None = None
-        self.operator_metrics_port, self.operator_health_port = free_ports(2)
         self.operator_log = self.work_dir / "operator.log"
+        self.operator = OperatorProcess(
+            self.operator_kubeconfig,
+            self.operator_log,
+            # Jobs here last seconds to minutes: read progress often so the status keeps up.
+            args=["--namespace", NAMESPACE, "--progress-seconds", "2", *operator_args],
+            env={"FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"},
+        )
+        self.operator_metrics_port = self.operator.metrics_port
         self._stack = contextlib.ExitStack()
 
     # --- life cycle -------------------------------------------------------------------------------------
@@ -213,60 +216,18 @@ class LocalCluster:
     # --- the operator -------------------------------------------------------------------------------------
 
     def start_operator(self) -> None:
-        """Start the real operator as a subprocess watching the default namespace."""
-        if self.operator is not None and self.operator.poll() is None:
-            return
-        command = [
-            sys.executable,
-            "-m",
-            "finetune_operator",
-            "--kubeconfig",
-            str(self.operator_kubeconfig),
-            "--namespace",
-            NAMESPACE,
-            "--metrics-port",
-            str(self.operator_metrics_port),
-            "--health-port",
-            str(self.operator_health_port),
-            "--bind-address",
-            "127.0.0.1",
-            # Jobs here last seconds to minutes: read progress often so the status keeps up.
-            "--progress-seconds",
-            "2",
-            *self.operator_args,
-        ]
-        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig),
-               "FINETUNE_TRAINER_IMAGE": "finetune-trainer:local"}
-        log = self.operator_log.open("ab")
-        self.operator = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
-        )
-        log.close()
-        self._wait_operator_healthy()
-
-    def _wait_operator_healthy(self, timeout: float = 60) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.operator_health_port}/healthz"
-        while time.monotonic() < deadline:
-            if self.operator is None or self.operator.poll() is not None:
-                raise ClusterError(f"the operator exited at start; its log:\n{self.operator_log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.2)
-        raise ClusterError(f"the operator did not become healthy in {timeout:.0f} s:\n{self.operator_log_tail()}")
+        """Start the real operator as a subprocess watching the default namespace (nothing if it runs)."""
+        try:
+            self.operator.start()
+        except OperatorError as exc:
+            raise ClusterError(str(exc)) from exc
 
     def stop_operator(self, *, kill: bool = False) -> None:
         """Stop the operator (SIGTERM, or SIGKILL with ``kill=True`` to simulate a crash)."""
-        process, self.operator = self.operator, None
-        if process is not None:
-            stop_process_group(process, 20, signal.SIGKILL if kill else signal.SIGTERM)
+        self.operator.stop(kill=kill)
 
     def operator_log_tail(self, lines: int = 60) -> str:
-        return log_tail(self.operator_log, lines)
+        return self.operator.log_tail(lines)
 
     # --- helpers for people and tests ----------------------------------------------------------------------
 

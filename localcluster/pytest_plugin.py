@@ -1,19 +1,24 @@
-"""Pytest fixtures for the local servers (SeaweedFS S3, the whole local cluster) and the one way tests wait for
-something to happen; registered by tests/conftest.py."""
+"""Pytest fixtures for the local servers (SeaweedFS S3, the operator, the whole local cluster) and the one way tests
+wait for something to happen; registered by tests/conftest.py."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from localcluster.cluster import LocalCluster
+from localcluster.operator_process import OperatorProcess
 from localcluster.seaweedfs import SeaweedFS
 
 T = TypeVar("T")
+
+# The image the ``operator`` fixture's pods name; nothing pulls it (there is no kubelet behind that fixture).
+TEST_TRAINER_IMAGE = "trainer:it"
 
 
 def wait_until(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> T:
@@ -50,3 +55,22 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     one per test module; the operator resyncs every second so tests see transitions quickly."""
     with LocalCluster(tmp_path_factory.mktemp("cluster"), operator_args=["--resync-seconds", "1"]) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def operator(operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The real operator for one test module, cluster-wide with the kubeconfig of the module's own
+    ``operator_kubeconfig`` fixture; it resyncs and reads progress every second so tests see transitions quickly,
+    and logs at DEBUG so ``OperatorProcess.reconciles`` can count each job's reconciles. Tests may stop and start
+    it; it is always stopped at the end."""
+    process = OperatorProcess(
+        operator_kubeconfig,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        args=["--resync-seconds", "1", "--progress-seconds", "1", "--log-level", "DEBUG"],
+        env={"FINETUNE_TRAINER_IMAGE": TEST_TRAINER_IMAGE},
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

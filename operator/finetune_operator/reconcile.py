@@ -53,6 +53,9 @@ API_ERROR_MARK = " (API error: "
 REQUEUE_MARGIN_SECONDS = 0.05
 
 Clock = Callable[[], datetime.datetime]
+# Injected beside the clock so that unit tests drive the resync's pacing with fake time, not wall-clock windows.
+Sleep = Callable[[float], Awaitable[None]]
+Monotonic = Callable[[], float]
 ProgressFetcher = Callable[[str, int], Awaitable[ProgressSample | None]]
 # Asked before each resync round; False pauses the resync (another replica works, see peering.PeeringCheck).
 ActiveCheck = Callable[[], Awaitable[bool]]
@@ -99,12 +102,16 @@ class Reconciler:
         metrics: OperatorMetrics,
         *,
         clock: Clock = utc_now,
+        sleep: Sleep = asyncio.sleep,
+        monotonic: Monotonic = time.monotonic,
         fetch: ProgressFetcher | None = None,
     ) -> None:
         self.api = api
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.sleep = sleep
+        self.monotonic = monotonic
         self._fetch = fetch
         self._http: aiohttp.ClientSession | None = None
         self._slots: dict[tuple[str, str], _JobSlot] = {}
@@ -216,27 +223,25 @@ class Reconciler:
 
         No thundering herd: 200 jobs at 5 s start one reconcile every 25 ms. Never returns (cancel it).
         """
-        loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started = self.monotonic()
             try:
                 await self._resync_round(started, period, active)
             except Exception:  # the resync must outlive any one round's surprise
                 log.exception("a resync round failed")
-            await asyncio.sleep(max(0.0, started + period - loop.time()))
+            await self.sleep(max(0.0, started + period - self.monotonic()))
 
     async def _resync_round(self, started: float, period: float, active: ActiveCheck | None) -> None:
         if active is not None and not await self._still_active(active):
             self.pause()
             return
         self.paused = False
-        loop = asyncio.get_running_loop()
         keys = self.known_jobs()
         step = period / max(1, len(keys))
         for index, key in enumerate(keys):
-            delay = started + index * step - loop.time()
+            delay = started + index * step - self.monotonic()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self.sleep(delay)
             self.resync_one(*key)
 
     @staticmethod
@@ -325,7 +330,7 @@ class Reconciler:
             body = {**body, "status": {**old_status, "message": message.split(API_ERROR_MARK, 1)[0]}}
         sample = None
         if want_progress and old_status.get("phase") == c.PHASE_RUNNING and self._progress_due(slot, old_status):
-            slot.progress_read_at = time.monotonic()
+            slot.progress_read_at = self.monotonic()
             sample = await self._read_progress(body, views, str(uid))
 
         # Decide.
@@ -358,7 +363,10 @@ class Reconciler:
         )
         if decision.requeue_after is not None:
             self._schedule((namespace, name), slot, decision.requeue_after + REQUEUE_MARGIN_SECONDS)
-        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.reconcile_seconds.observe(elapsed)
+        log.debug("reconciled %s/%s in %.0f ms: phase %s, %d actions, %d errors", namespace, name, elapsed * 1000,
+                  status.get("phase"), len(decision.actions), len(errors))
         if errors:
             raise errors[0] if isinstance(errors[0], ApiError) else ApiError("act", 0, str(errors[0]))
         return decision
@@ -445,7 +453,7 @@ class Reconciler:
     def _progress_due(self, slot: _JobSlot, status: Mapping[str, Any]) -> bool:
         if slot.progress_read_at is None or "progress" not in status:
             return True
-        return time.monotonic() - slot.progress_read_at >= self.settings.progress_seconds
+        return self.monotonic() - slot.progress_read_at >= self.settings.progress_seconds
 
     async def _read_progress(self, body: Mapping[str, Any], views: list[Any], uid: str) -> ProgressSample | None:
         status = body.get("status") or {}

@@ -210,10 +210,18 @@ def test_a_job_resized_while_suspended_resumes_from_its_checkpoint(cluster: Loca
 
 def test_operator_restarted_mid_job_continues_without_duplicate_pods(cluster: LocalCluster) -> None:
     name = "opcrash"
-    apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 30}))
-    cluster.wait_for_job(name, phases={"Running", "Succeeded"}, timeout=300)
+    # Enough steps that the job is surely mid-training when the operator dies.
+    apply(cluster, make_job(name, resources=SMALL, training={"maxSteps": 120}))
+    cluster.wait_for_job(name, phases={"Running"}, timeout=300)
     cluster.stop_operator(kill=True)
-    time.sleep(3)
+    # The operator died while the job ran: the kubelet still reports the pod running, and training goes on
+    # without the operator (rank 0's step advances).
+    pod = f"{name}-a0-n0"
+    assert [p["status"]["phase"] for p in cluster.pods(name)] == ["Running"]
+    assert status(cluster, name)["phase"] == "Running"
+    first = wait_until(lambda: trainer_step(cluster, pod), timeout=300, what="rank 0's metrics", interval=0.25)
+    wait_until(lambda: (trainer_step(cluster, pod) or 0) > first, timeout=300, what="a step without the operator",
+               interval=0.25)
     cluster.start_operator()
     done = cluster.wait_for_job(name, phases={"Succeeded"}, timeout=600)["status"]
     assert done.get("restarts", 0) == 0

@@ -3,13 +3,8 @@ its ServiceAccount's token: namespace-scoped RBAC is enough, and a namespace it 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +12,8 @@ import pytest
 import yaml
 
 from localcluster.controlplane import ControlPlane
+from localcluster.operator_process import OperatorProcess
 from localcluster.pytest_plugin import wait_until
-from localcluster.seaweedfs import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -78,15 +73,9 @@ def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, pla
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     chart_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     assert chart_env["FINETUNE_NAMESPACES"] == TEAM_NS
-    metrics_port, health_port = free_ports(2)
-    env = {**os.environ, **chart_env, "FINETUNE_METRICS_PORT": str(metrics_port),
-           "FINETUNE_HEALTH_PORT": str(health_port), "FINETUNE_BIND_ADDRESS": "127.0.0.1"}
-    log = (tmp_path / "operator.log").open("wb")
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator", *container.get("args", []), "--kubeconfig",
-         str(operator_kubeconfig)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    operator = OperatorProcess(operator_kubeconfig, tmp_path / "operator.log", args=container.get("args", []),
+                               env=chart_env)
+    operator.start()
     try:
         job = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
         job["metadata"]["namespace"] = TEAM_NS
@@ -99,10 +88,11 @@ def test_chart_applies_and_its_operator_settings_reconcile_a_job(helm: Path, pla
         # A job in a namespace the chart does not list is left alone.
         other = {**job, "metadata": {"name": "elsewhere", "namespace": "default"}}
         kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(other))
-        time.sleep(2)
+        # A job applied after it in the watched namespace gets its pods: the operator has handled what came later.
+        later = {**job, "metadata": {"name": "later", "namespace": TEAM_NS}}
+        kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(later))
+        wait_until(lambda: kubectl(kubeconfig, "get", "pod", "later-a0-n0", "-n", TEAM_NS, "--ignore-not-found"),
+                   what="the later job's pod")
         assert json.loads(kubectl(kubeconfig, "get", "pods", "-n", "default", "-o", "json"))["items"] == []
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(operator.pid, signal.SIGTERM)
-        operator.wait(timeout=20)
-        log.close()
+        operator.stop()

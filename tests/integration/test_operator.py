@@ -11,11 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,8 +25,8 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from finetune_trainer.config import config_from_dict
 from localcluster.chart import install_chart
 from localcluster.controlplane import ControlPlane
+from localcluster.operator_process import OperatorProcess
 from localcluster.pytest_plugin import wait_until
-from localcluster.seaweedfs import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -134,51 +130,6 @@ class Client:
         return [e["reason"] for e in events]
 
 
-class OperatorProcess:
-    """``python -m finetune_operator`` in a subprocess, restartable, with its log kept for failures."""
-
-    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log = log
-        self.metrics_port, self.health_port = free_ports(2)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "FINETUNE_TRAINER_IMAGE": "trainer:it", "FINETUNE_RESYNC_SECONDS": "1",
-               "FINETUNE_PROGRESS_SECONDS": "1"}
-        command = [sys.executable, "-m", "finetune_operator", "--kubeconfig", str(self.kubeconfig),
-                   "--bind-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-                   "--health-port", str(self.health_port), "--log-level", "INFO"]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        wait_until(self.healthy, timeout=60, what="the operator's liveness endpoint")
-
-    def healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"operator exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, pathlib.Path]]:
     """The control plane without a scheduler, the chart installed cluster-wide, and the operator's kubeconfig."""
@@ -188,21 +139,16 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPla
 
 
 @pytest.fixture(scope="module")
-def operator(plane: tuple[ControlPlane, pathlib.Path],
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(plane[1], tmp_path_factory.mktemp("operator-log") / "operator.log")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
+def operator_kubeconfig(plane: tuple[ControlPlane, pathlib.Path]) -> pathlib.Path:
+    """The chart ServiceAccount's kubeconfig, for the local cluster plugin's ``operator`` fixture."""
+    return plane[1]
 
 
 @pytest.fixture
 def client(plane: tuple[ControlPlane, pathlib.Path], operator: OperatorProcess) -> Iterator[Client]:
     yield Client(plane[0])
-    if operator.process is not None and operator.process.poll() is not None:
-        pytest.fail(f"the operator died:\n{operator.log.read_text()[-3000:]}")
+    if operator.process is not None and not operator.running:
+        pytest.fail(f"the operator died:\n{operator.log_tail()}")
 
 
 @pytest.fixture
@@ -230,6 +176,13 @@ def events_are(client: Client, ns: str, job: str, reasons: list[str]) -> None:
     after the pods, so the last one may land a moment after what the test waited for."""
     wait_until(lambda: client.event_reasons(ns, job) == reasons, what=f"events {reasons}")
     assert client.event_reasons(ns, job) == reasons
+
+
+def settled(operator: OperatorProcess, ns: str, name: str, rounds: int = 2) -> None:
+    """Wait until the operator has finished ``rounds`` more reconciles of the job: at least one began after this
+    call, so it saw the world as the test left it (a positive signal instead of sleeping and hoping)."""
+    start = operator.reconciles(ns, name)
+    wait_until(lambda: operator.reconciles(ns, name) >= start + rounds, what=f"{rounds} more reconciles of {name}")
 
 
 # ---- tests ----------------------------------------------------------------------------------------------
@@ -281,11 +234,11 @@ def test_create_makes_the_service_config_and_pods_with_exact_env(client: Client,
     assert wait_until(lambda: client.event_reasons(ns, "llm"), what="an event") == ["Created"]
 
 
-def test_pod_phases_drive_the_status_to_success(client: Client, ns: str) -> None:
+def test_pod_phases_drive_the_status_to_success(client: Client, ns: str, operator: OperatorProcess) -> None:
     client.create_job(ns, "ok")
     wait_until(pods_are(client, ns, ["ok-a0-n0", "ok-a0-n1"]))
     client.run_pod(ns, "ok-a0-n0")
-    time.sleep(0.3)
+    settled(operator, ns, "ok")
     assert client.status(ns, "ok")["phase"] == "Pending"
     client.run_pod(ns, "ok-a0-n1")
     running = wait_until(phase_is(client, ns, "ok", "Running"), what="Running")
@@ -411,12 +364,12 @@ def test_operator_restarted_mid_job_creates_no_duplicates(client: Client, ns: st
                                                           operator: OperatorProcess) -> None:
     client.create_job(ns, "survivor")
     wait_until(pods_are(client, ns, ["survivor-a0-n0", "survivor-a0-n1"]))
-    operator.stop(signal.SIGKILL)
+    operator.stop(kill=True)
     client.run_pod(ns, "survivor-a0-n0")
     client.run_pod(ns, "survivor-a0-n1")
     operator.start()
     wait_until(phase_is(client, ns, "survivor", "Running"), what="Running after the restart")
-    time.sleep(1.5)
+    settled(operator, ns, "survivor")
     assert client.pod_names(ns) == ["survivor-a0-n0", "survivor-a0-n1"]
     assert client.status(ns, "survivor")["attempt"] == 0
 
@@ -438,7 +391,7 @@ def kopf_marks(job: dict[str, Any] | None) -> dict[str, Any]:
             "annotations": sorted(k for k in metadata.get("annotations") or {} if "kopf" in k)}
 
 
-def test_a_running_job_never_carries_a_kopf_finalizer(client: Client, ns: str) -> None:
+def test_a_running_job_never_carries_a_kopf_finalizer(client: Client, ns: str, operator: OperatorProcess) -> None:
     client.create_job(ns, "plain")
     wait_until(pods_are(client, ns, ["plain-a0-n0", "plain-a0-n1"]))
     wait_until(phase_is(client, ns, "plain", "Pending"))
@@ -446,7 +399,7 @@ def test_a_running_job_never_carries_a_kopf_finalizer(client: Client, ns: str) -
     client.run_pod(ns, "plain-a0-n0")
     client.run_pod(ns, "plain-a0-n1")
     wait_until(phase_is(client, ns, "plain", "Running"))
-    time.sleep(1.5)  # a resync round or more
+    settled(operator, ns, "plain", rounds=3)  # the watch event's reconcile and resync rounds after it
     assert kopf_marks(client.job(ns, "plain")) == {"finalizers": [], "annotations": []}
 
 

@@ -89,11 +89,20 @@ class FakeApi:
 
 
 class Clock:
+    """Fake time for the reconciler: the wall clock, the monotonic clock and sleep all read ``seconds``."""
+
     def __init__(self) -> None:
         self.seconds = 100.0
 
     def __call__(self) -> Any:
         return at(self.seconds)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    async def sleep(self, delay: float) -> None:
+        self.seconds += max(0.0, delay)
+        await asyncio.sleep(0)  # let the other tasks run, as a real sleep would
 
 
 def make_reconciler(job: dict[str, Any], sample: ProgressSample | None = None) -> tuple[Reconciler, FakeApi, Clock]:
@@ -103,8 +112,8 @@ def make_reconciler(job: dict[str, Any], sample: ProgressSample | None = None) -
     async def fetch(ip: str, port: int) -> ProgressSample | None:
         return sample
 
-    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=clock,  # type: ignore[arg-type]
-                            fetch=fetch)
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(),  # type: ignore[arg-type]
+                            clock=clock, sleep=clock.sleep, monotonic=clock.monotonic, fetch=fetch)
     return reconciler, api, clock
 
 
@@ -223,46 +232,55 @@ def named_job(name: str, **paths: Any) -> dict[str, Any]:
     return job
 
 
-def record_triggers(reconciler: Reconciler) -> list[tuple[float, str, bool]]:
+def record_triggers(reconciler: Reconciler, clock: Clock) -> list[tuple[float, str, bool]]:
     started: list[tuple[float, str, bool]] = []
 
     def trigger(namespace: str, name: str, *, want_progress: bool = False) -> None:
-        started.append((asyncio.get_running_loop().time(), name, want_progress))
+        started.append((clock.seconds, name, want_progress))
 
     reconciler.trigger = trigger  # type: ignore[method-assign]
     return started
 
 
+async def run_until(clock: Clock, seconds: float) -> None:
+    """Yield to the other tasks until fake time has reached ``seconds``."""
+    for _ in range(10_000):
+        if clock.seconds >= seconds:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"fake time stuck at {clock.seconds}, waiting for {seconds}")
+
+
 def test_resync_reconciles_every_known_job_once_per_period_spread_over_it() -> None:
-    reconciler, _, _ = make_reconciler(make_job())
+    reconciler, _, clock = make_reconciler(make_job())
     for name in ("a", "b", "c", "d"):
         reconciler.job_seen(named_job(name))
-    started = record_triggers(reconciler)
+    started = record_triggers(reconciler, clock)
+    begin = clock.seconds
 
-    async def scenario() -> float:
-        begin = asyncio.get_running_loop().time()
+    async def scenario() -> None:
         task = asyncio.create_task(reconciler.resync_forever(0.4))
-        await asyncio.sleep(0.35)
+        await run_until(clock, begin + 0.8)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        return begin
 
-    begin = asyncio.run(scenario())
-    assert [(name, progress) for _, name, progress in started] == [(n, True) for n in ("a", "b", "c", "d")]
-    offsets = [when - begin for when, _, _ in started]
-    # One start every period / jobs, not all at once.
-    assert all(0.07 <= later - earlier <= 0.2 for earlier, later in zip(offsets, offsets[1:], strict=False)), offsets
+    asyncio.run(scenario())
+    # One start every period / jobs, not all at once; the next round starts one period after the first.
+    names = ["a", "b", "c", "d"]
+    assert [(name, progress) for _, name, progress in started[:8]] == [(n, True) for n in names + names]
+    offsets = [round(when - begin, 6) for when, _, _ in started[:8]]
+    assert offsets == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
 def test_resync_skips_a_job_being_reconciled_and_a_settled_one() -> None:
     finished = {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}
-    reconciler, api, _ = make_reconciler(make_job(status=finished))
+    reconciler, api, clock = make_reconciler(make_job(status=finished))
 
     async def scenario() -> None:
         await reconciler.reconcile("ns", "job", api.job)
         reconciler.job_seen(named_job("busy"))
         reconciler.job_seen(named_job("idle"))
-        started = record_triggers(reconciler)
+        started = record_triggers(reconciler, clock)
         async with reconciler._slots[("ns", "busy")].lock:
             assert not reconciler.resync_one("ns", "busy")
         assert not reconciler.resync_one("ns", "job")  # settled: Succeeded, nothing to do
@@ -275,27 +293,29 @@ def test_resync_skips_a_job_being_reconciled_and_a_settled_one() -> None:
 
 
 def test_resync_pauses_while_another_replica_works() -> None:
-    reconciler, _, _ = make_reconciler(make_job())
+    reconciler, _, clock = make_reconciler(make_job())
     reconciler.job_seen(named_job("a"))
-    started = record_triggers(reconciler)
+    started = record_triggers(reconciler, clock)
     answers = [False, True]
+    begin = clock.seconds
 
     async def active() -> bool:
         return answers[0]
 
     async def scenario() -> None:
         task = asyncio.create_task(reconciler.resync_forever(0.1, active))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the first round asks, hears "not active" and pauses
         # Paused: what this replica remembered is dropped (kopf relists it on resuming), requeues do nothing.
         assert reconciler.paused and reconciler.known_jobs() == []
         reconciler._requeued("ns", "a")
         assert started == []
         answers.pop(0)
         reconciler.job_seen(named_job("b"))  # kopf resumed and relisted
-        await asyncio.sleep(0.12)
+        await run_until(clock, begin + 0.1)
+        await asyncio.sleep(0)
         assert not reconciler.paused
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
-    assert [name for _, name, _ in started] == ["b"]
+    assert [(round(when - begin, 6), name) for when, name, _ in started] == [(0.1, "b")]
