@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.bench_trainer import WARMUP_STEPS, launch, print_table, window_rate
 
@@ -57,10 +58,8 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | No
     return tokens_per_second * flops_per_token / (peak_flops * devices)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    cuda = torch.cuda.is_available()
+def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
+    """The benchmark's shape: GPT-2 124M's on CUDA, a small smoke model on the CPUs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12 if cuda else 2)
     parser.add_argument("--dim", type=int, default=768 if cuda else 64)
@@ -69,13 +68,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="sequences per GPU per step")
     parser.add_argument("--steps", type=int, default=60 if cuda else 30)
     parser.add_argument("--zero-stage", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def build_model(root: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[Path, int, float]:
+    """The GPT-2 from its config with a locally trained tokenizer: its folder, parameter count and FLOPs/token."""
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.testing import build_tiny_model, generic_corpus, toy_chat_rows
+    from finetune_trainer.testing import build_tiny_model, generic_corpus
+
+    texts = generic_corpus(2000) + [m["content"] for r in rows[:2000] for m in r["messages"]]
+    model_dir = build_tiny_model(
+        root / "model",
+        texts=texts,
+        vocab_size=8192,
+        n_layer=args.layers,
+        n_embd=args.dim,
+        n_head=args.heads,
+        n_positions=args.seq,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    positions = model.transformer.wpe.weight.numel()  # a lookup, not a matmul
+    del model
+    return model_dir, total, model_flops_per_token(total - positions, args.layers, args.dim, args.seq)
+
+
+def trainer_config(root: Path, model_dir: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    """Packed chat through file:// URIs, checkpoints never (they are not what is measured)."""
     from localcluster.seaweedfs import free_ports
 
+    return {
+        "model": {"uri": f"file://{model_dir}"},
+        "dataset": {"uri": f"file://{root}/data/chat.jsonl", "format": "chat", "evalSplit": 0.01},
+        "output": {"uri": f"file://{root}/out"},
+        "training": {
+            "maxSteps": args.steps,
+            "batchSize": args.batch,
+            "maxSeqLength": args.seq,
+            "packing": True,
+            "learningRate": 3e-4,
+            "logEvery": 10,
+            "scheduler": "constant",
+            "precision": "bf16" if cuda else "fp32",
+        },
+        "deepspeed": {"zeroStage": args.zero_stage},
+        "checkpoint": {"everyMinutes": 10080},
+        "metrics": {"port": free_ports(1)[0]},
+        "local": {"cacheDir": str(root / "cache"), "workDir": str(root / "work")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from finetune_trainer.testing import toy_chat_rows
+
+    cuda = torch.cuda.is_available()
+    args = parse_args(argv, cuda)
     devices = torch.cuda.device_count() if cuda else 1
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     # Enough packed rows for every step on every rank, with some to spare.
@@ -91,42 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         (root / "data").mkdir()
         (root / "data" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        texts = generic_corpus(2000) + [m["content"] for r in rows[:2000] for m in r["messages"]]
-        model_dir = build_tiny_model(
-            root / "model",
-            texts=texts,
-            vocab_size=8192,
-            n_layer=args.layers,
-            n_embd=args.dim,
-            n_head=args.heads,
-            n_positions=args.seq,
-        )
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        total = sum(p.numel() for p in model.parameters())
-        positions = model.transformer.wpe.weight.numel()  # a lookup, not a matmul
-        del model
-        flops_per_token = model_flops_per_token(total - positions, args.layers, args.dim, args.seq)
-        config = {
-            "model": {"uri": f"file://{model_dir}"},
-            "dataset": {"uri": f"file://{root}/data/chat.jsonl", "format": "chat", "evalSplit": 0.01},
-            "output": {"uri": f"file://{root}/out"},
-            "training": {
-                "maxSteps": args.steps,
-                "batchSize": args.batch,
-                "maxSeqLength": args.seq,
-                "packing": True,
-                "learningRate": 3e-4,
-                "logEvery": 10,
-                "scheduler": "constant",
-                "precision": "bf16" if cuda else "fp32",
-            },
-            "deepspeed": {"zeroStage": args.zero_stage},
-            "checkpoint": {"everyMinutes": 1e6},
-            "metrics": {"port": free_ports(1)[0]},
-            "local": {"cacheDir": str(root / "cache"), "workDir": str(root / "work")},
-        }
+        model_dir, total, flops_per_token = build_model(root, args, rows)
         config_path = root / "config.json"
-        config_path.write_text(json.dumps(config))
+        config_path.write_text(json.dumps(trainer_config(root, model_dir, args, cuda)))
         probe = launch("ours", config_path, root / "gpu.probe", env, nproc=devices)
         steps_per_second, rank0_tokens_per_second = window_rate(probe)
 

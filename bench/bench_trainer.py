@@ -220,7 +220,7 @@ def write_config(root: Path, name: str, uris: dict[str, str], port: int, **secti
             "scheduler": "constant",
         },
         "deepspeed": {"zeroStage": 2},
-        "checkpoint": {"everyMinutes": 1e6},
+        "checkpoint": {"everyMinutes": 10080},
         "metrics": {"port": port},
         "local": {"cacheDir": str(root / "cache"), "workDir": str(root / "work" / name)},
     }
@@ -389,7 +389,7 @@ def run_p2(root: Path, uris: dict[str, str], env: dict[str, str]) -> None:
 def run_p4(root: Path, uris: dict[str, str], env: dict[str, str]) -> None:
     from localcluster.seaweedfs import SeaweedFS, free_ports
 
-    cases = (("none", {"everyMinutes": 1e6}), ("every10", {"everySteps": 10, "keep": 2}))
+    cases = (("none", {"everyMinutes": 10080}), ("every10", {"everySteps": 10, "keep": 2}))
     rows = []
     with SeaweedFS(root / "seaweedfs") as s3:
         s3.create_bucket("bench")
