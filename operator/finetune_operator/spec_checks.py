@@ -150,7 +150,9 @@ def check_ports_and_codes(spec: JobSpec) -> None:
 
 
 def check_name(name: str, nodes: int) -> None:
-    """The job's name becomes a Service name (a DNS-1035 label) and the pods' hostnames ``<name>-n<rank>``."""
+    """The job's name becomes a Service name (a DNS-1035 label) and the pods' hostnames ``<name>-n<rank>``.
+
+    The CRD's CEL rules on metadata.name say the same at apply time; repeated for objects stored before them."""
     if not _DNS_1035_LABEL.match(name):
         raise InvalidSpecError(
             "metadata.name",

@@ -275,6 +275,52 @@ BAD_JOBS: list[tuple[str, Mutation, str, str]] = [
         "spec.tolerations[0].operator",
         "Unsupported value",
     ),
+    (
+        "toleration Exists with a value",
+        setter("tolerations", [{"key": "a", "operator": "Exists", "value": "x"}]),
+        "spec.tolerations[0].value",
+        "must be empty when operator is Exists",
+    ),
+    (
+        "toleration without key or Exists",
+        setter("tolerations", [{"operator": "Equal", "value": "x"}]),
+        "spec.tolerations[0].key",
+        "needs operator Exists",
+    ),
+    (
+        "tolerationSeconds without NoExecute",
+        setter("tolerations", [{"key": "a", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}]),
+        "spec.tolerations[0].tolerationSeconds",
+        "needs effect NoExecute",
+    ),
+    (
+        "toleration key with a space",
+        setter("tolerations", [{"key": "bad key", "operator": "Exists"}]),
+        "spec.tolerations[0].key",
+        "should match",
+    ),
+    (
+        "toleration value too long",
+        setter("tolerations", [{"key": "a", "operator": "Equal", "value": "v" * 64}]),
+        "spec.tolerations[0].value",
+        "may not be more than 63",
+    ),
+    ("nodeSelector value with a space", setter("nodeSelector", {"pool": "gpu pool"}), "spec.nodeSelector.pool",
+     "should match"),
+    ("nodeSelector key with a space", setter("nodeSelector", {"gpu pool": "a"}), "spec.nodeSelector",
+     "must be label keys"),
+    (
+        "secret key with a slash",
+        setter("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "a/b"}}}]),
+        "spec.env[0].valueFrom.secretKeyRef.key",
+        "should match",
+    ),
+    (
+        "secret key too long",
+        setter("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k" * 254}}}]),
+        "spec.env[0].valueFrom.secretKeyRef.key",
+        "may not be more than 253",
+    ),
     ("checkpoint every 0 steps", setter("checkpoint.everySteps", 0), "spec.checkpoint.everySteps", "greater"),
     ("checkpoint keep 0", setter("checkpoint.keep", 0), "spec.checkpoint.keep", "greater than or equal to 1"),
     ("metrics port 80", setter("metrics.port", 80), "spec.metrics.port", "greater than or equal to 1024"),
@@ -305,6 +351,32 @@ BAD_JOBS: list[tuple[str, Mutation, str, str]] = [
     ("unknown spec field", setter("learningRate", 0.1), "spec.learningRate", "unknown field"),
     ("unknown nested field", setter("training.lr", 0.1), "spec.training.lr", "unknown field"),
 ]
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "accepted"),
+    [
+        pytest.param("a" * 60, None, True, id="60-characters-one-node"),
+        pytest.param("a" * 61, None, False, id="61-characters-one-node"),
+        pytest.param("a" * 60, 10, True, id="60-characters-10-nodes"),
+        pytest.param("a" * 60, 11, False, id="60-characters-11-nodes"),
+        pytest.param("a" * 59, 100, True, id="59-characters-100-nodes"),
+        pytest.param("a" * 59, 101, False, id="59-characters-101-nodes"),
+        pytest.param("a" * 57, 1024, True, id="57-characters-1024-nodes"),
+        pytest.param("9lives", None, False, id="starts-with-a-digit"),
+        pytest.param("dotted.name", None, False, id="has-a-dot"),
+    ],
+)
+def test_the_name_must_make_valid_hostnames(api: JobsApi, name: str, nodes: int | None, accepted: bool) -> None:
+    job = tiny_job(name)
+    if nodes is not None:
+        job["spec"]["distributed"] = {"nodes": nodes}
+    errors = errors_of(*api.create(job))
+    if accepted:
+        assert errors == []
+    else:
+        assert [e.field for e in errors] == ["metadata.name"], errors
+        assert "metadata.name" in errors[0].message
+
 
 def test_bad_job_table_is_large_enough() -> None:
     assert len(BAD_JOBS) >= 30
