@@ -35,10 +35,10 @@ from finetune_operator.decide import (
     DeleteJob,
     DeletePod,
     decide,
-    observe_pod,
 )
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
+from finetune_operator.pod_view import observe_pod
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
