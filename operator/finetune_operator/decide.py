@@ -18,7 +18,7 @@ from finetune_operator.builders import build_config_map, build_service, build_wo
 from finetune_operator.job_status import EventToEmit, JobStatus
 from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.pod_view import PodView, observe_pod
-from finetune_operator.progress import ProgressSample, format_eta, format_summary, sample_from_result
+from finetune_operator.progress import ProgressSample, sample_from_result
 from finetune_operator.spec import (
     FineTuneJob,
     InvalidSpecError,
@@ -155,10 +155,6 @@ def _capacity_signal(pod: PodView, events: Sequence[Mapping[str, Any]]) -> tuple
     return None
 
 
-def _join_uri(prefix: str, suffix: str) -> str:
-    return f"{prefix.rstrip('/')}/{suffix}"
-
-
 def _cleanup_actions(policy: str, pods: Sequence[PodView]) -> list[Action]:
     """cleanPodPolicy on a finished job: All pods, the Running (not yet finished) ones, or None."""
     if policy == "None":
@@ -172,48 +168,6 @@ def _raw_clean_policy(body: Mapping[str, Any]) -> str:
     return policy if policy in ("All", "Running", "None") else "All"
 
 
-def _apply_progress(status: JobStatus, job: FineTuneJob, sample: ProgressSample) -> None:
-    """status.progress, status.metrics and the checkpoints from rank 0's metrics."""
-    if sample.step is not None:
-        progress: dict[str, Any] = {"step": sample.step, "summary": format_summary(sample.step, sample.total_steps)}
-        if sample.total_steps:
-            progress["totalSteps"] = sample.total_steps
-            progress["percent"] = round(min(100.0, 100.0 * sample.step / sample.total_steps), 1)
-        if sample.epoch is not None:
-            progress["epoch"] = round(sample.epoch, 4)
-        eta = sample.eta_seconds
-        if eta is not None:
-            progress["etaSeconds"] = eta
-            progress["eta"] = format_eta(eta)
-        status.data["progress"] = progress
-    metrics: dict[str, Any] = dict(status.data.get("metrics") or {})
-    if sample.train_loss is not None:
-        metrics["loss"] = round(sample.train_loss, 6)
-    if sample.eval_loss is not None:
-        metrics["evalLoss"] = round(sample.eval_loss, 6)
-    if sample.tokens_per_second is not None:
-        # Rank 0's rate times the world size: data-parallel ranks run in lockstep on equal-sized batches.
-        metrics["tokensPerSecond"] = round(sample.tokens_per_second * job.spec.distributed.world_size, 2)
-    if sample.learning_rate is not None:
-        metrics["learningRate"] = sample.learning_rate
-    if metrics:
-        status.data["metrics"] = metrics
-    output = job.spec.output.uri
-    if sample.last_checkpoint_step is not None:
-        status.data["latestCheckpoint"] = {
-            "uri": _join_uri(output, c.CHECKPOINT_DIR_FORMAT.format(step=sample.last_checkpoint_step)),
-            "step": sample.last_checkpoint_step,
-        }
-    if sample.best_checkpoint_step is not None:
-        best: dict[str, Any] = {
-            "uri": _join_uri(output, c.CHECKPOINT_DIR_FORMAT.format(step=sample.best_checkpoint_step)),
-            "step": sample.best_checkpoint_step,
-        }
-        if sample.best_eval_loss is not None:
-            best["evalLoss"] = round(sample.best_eval_loss, 6)
-        status.data["bestCheckpoint"] = best
-
-
 def _finish(
     status: JobStatus,
     pods: Sequence[PodView],
@@ -223,21 +177,8 @@ def _finish(
     reason: str,
     message: str,
 ) -> list[Action]:
-    """Enter Succeeded or Failed: conditions, completionTime, no restart pending, pods cleaned by policy."""
-    if succeeded:
-        status.enter(c.PHASE_SUCCEEDED, reason, message)
-        status.set_condition(c.CONDITION_SUCCEEDED, True, reason, message)
-    else:
-        status.enter(c.PHASE_FAILED, reason, message, c.EVENT_WARNING)
-        status.set_condition(c.CONDITION_FAILED, True, reason, message)
-    status.clear_condition(c.CONDITION_RUNNING, reason, message)
-    status.clear_condition(c.CONDITION_WAITING_FOR_CAPACITY, reason, "the job finished")
-    status.set_time("completionTime", status.now)
-    status.data.pop("restartAfter", None)
-    progress = status.data.get("progress")
-    if isinstance(progress, dict):
-        progress.pop("eta", None)
-        progress.pop("etaSeconds", None)
+    """Enter Succeeded or Failed, pods cleaned by policy."""
+    status.finish(succeeded=succeeded, reason=reason, message=message)
     return _cleanup_actions(clean_policy, pods)
 
 
@@ -260,14 +201,11 @@ def decide(
     requeue: list[datetime.datetime] = []
 
     def done() -> Decision:
-        emitted = list(status.extra_events)
-        if status.transition is not None and status.phase != status.old_phase:
-            emitted.insert(0, status.transition)
         later = [(moment - now).total_seconds() for moment in requeue]
         return Decision(
             actions=tuple(actions),
             status=status.finalize(),
-            events_to_emit=tuple(emitted),
+            events_to_emit=status.events_to_emit(),
             requeue_after=max(0.0, min(later)) if later else None,
         )
 
@@ -291,25 +229,21 @@ def decide(
                            reason=c.REASON_INVALID_SPEC, message=message)
         if status.old_phase == c.PHASE_FAILED:
             # Already failed for this reason: keep the original completion time.
-            status.data["completionTime"] = (current_status or {}).get("completionTime", status.data["completionTime"])
+            status.keep_completion_time()
         return done()
     spec = parsed.spec
     if status.condition_true(c.CONDITION_INVALID_SPEC):
         status.set_condition(c.CONDITION_INVALID_SPEC, False, c.REASON_SPEC_VALID, "the spec is valid")
         if status.phase == c.PHASE_FAILED:
             # Start over as a new job; a new attempt number keeps any pods left behind out of the way.
-            status.data.pop("phase", None)
-            status.set_condition(c.CONDITION_FAILED, False, c.REASON_SPEC_VALID, "the spec was corrected")
-            status.data.pop("completionTime", None)
+            status.reopen(c.REASON_SPEC_VALID, "the spec was corrected")
             if views:
-                status.data["attempt"] = max(v.attempt for v in views) + 1
+                status.set_attempt(max(v.attempt for v in views) + 1)
 
     # 4. The current attempt: the status's, or a newer one whose pods exist (a status write that was lost).
     attempt = max([status.get_int("attempt"), *(v.attempt for v in views)])
     job_now = replace(parsed, attempt=attempt)
-    status.data["attempt"] = attempt
-    status.data.setdefault("restarts", 0)
-    status.data.setdefault("countedFailures", 0)
+    status.set_attempt(attempt)
     current = sorted((v for v in views if v.attempt == attempt), key=lambda v: v.rank)
     stale = [v for v in views if v.attempt != attempt]
 
@@ -336,27 +270,26 @@ def decide(
         actions += [DeletePod(v.name) for v in current if not v.deleting]
         if status.phase != c.PHASE_SUSPENDED:
             if current:
-                status.data["attempt"] = attempt + 1
-                status.data["restarts"] = status.get_int("restarts") + 1
+                status.record_restart()
             status.enter(c.PHASE_SUSPENDED, c.REASON_SUSPENDED, "Suspended: the job has no pods until resumed")
             status.set_condition(c.CONDITION_SUSPENDED, True, c.REASON_SUSPENDED, "spec.suspend is true")
             status.clear_condition(c.CONDITION_RUNNING, c.REASON_SUSPENDED, "the job is suspended")
             status.clear_condition(c.CONDITION_WAITING_FOR_CAPACITY, c.REASON_SUSPENDED, "the job is suspended")
             # The active deadline counts running time since the last resume, as for a Kubernetes Job.
-            status.data.pop("startTime", None)
-            status.data.pop("restartAfter", None)
+            status.clear_time("startTime")
+            status.clear_time("restartAfter")
         return done()
     resuming = status.phase == c.PHASE_SUSPENDED
 
     # 8. Success: node rank 0 finished training and exported the model.
     rank0 = next((v for v in current if v.rank == 0), None)
     if rank0 is not None and rank0.phase == "Succeeded":
-        model_uri = _join_uri(spec.output.uri, c.MODEL_DIR)
-        status.data["model"] = {"uri": model_uri, "export": spec.export}
+        model_uri = spec.output.model_uri
+        status.record_model(model_uri, spec.export)
         # The trainer's final summary (termination message) is authoritative; the last scrape may be older.
         final = sample_from_result(rank0.termination_message) or sample
         if final is not None:
-            _apply_progress(status, job_now, final)
+            status.record_progress(final, spec.output, spec.distributed.world_size)
         actions += _finish(status, views, spec.clean_pod_policy, succeeded=True,
                            reason=c.REASON_SUCCEEDED, message=f"Model written to {model_uri}")
         return done()
@@ -378,8 +311,7 @@ def decide(
             actions += _finish(status, views, spec.clean_pod_policy, succeeded=False,
                                reason=c.REASON_PERMANENT_ERROR, message=failure.message)
             return done()
-        counted = status.get_int("countedFailures") + (1 if failure.counted else 0)
-        status.data["countedFailures"] = counted
+        counted = status.record_failure(failure.counted)
         if counted > spec.backoff_limit:
             message = f"{failure.message}; {counted} counted failures exceed backoffLimit {spec.backoff_limit}"
             actions += _finish(status, views, spec.clean_pod_policy, succeeded=False,
@@ -388,9 +320,7 @@ def decide(
         restarts = status.get_int("restarts")
         delay = spec.restart_backoff.delay(restarts)
         restart_after = now + datetime.timedelta(seconds=delay)
-        status.data["restarts"] = restarts + 1
-        status.data["attempt"] = attempt + 1
-        status.set_time("restartAfter", restart_after)
+        status.record_restart(restart_after)
         counted_text = "counted" if failure.counted else "not counted"
         status.enter(
             c.PHASE_RESTARTING,
@@ -466,8 +396,7 @@ def decide(
         was_waiting = status.condition_true(c.CONDITION_WAITING_FOR_CAPACITY)
         status.set_condition(c.CONDITION_WAITING_FOR_CAPACITY, True, reason, message)
         if not was_waiting:
-            status.extra_events.append(EventToEmit(c.EVENT_WARNING, c.CONDITION_WAITING_FOR_CAPACITY,
-                                                   f"pod {pod.name}: {message}"))
+            status.emit(c.EVENT_WARNING, c.CONDITION_WAITING_FOR_CAPACITY, f"pod {pod.name}: {message}")
         waiting = status.condition(c.CONDITION_WAITING_FOR_CAPACITY) or {}
         since = parse_time(waiting.get("lastTransitionTime")) or now
         timeout_at = since + datetime.timedelta(seconds=spec.capacity_timeout_seconds)
@@ -488,7 +417,7 @@ def decide(
         actions.append(CreateChild(build_service(job_now)))
         actions.append(CreateChild(build_config_map(job_now), update_existing=True))
         actions += [CreateChild(build_worker_pod(job_now, rank, settings.trainer_image)) for rank in missing]
-    status.data.pop("restartAfter", None)
+    status.clear_time("restartAfter")
     if status.phase in (None, c.PHASE_SUSPENDED, c.PHASE_RESTARTING):
         if resuming:
             reason, verb = c.REASON_RESUMED, "Resumed"
@@ -514,10 +443,10 @@ def decide(
                 requeue.append(now + datetime.timedelta(seconds=spec.active_deadline_seconds))
     elif status.phase == c.PHASE_PENDING:
         # The same wording from the first reconcile on, so the status changes only when the count does.
-        status.data["message"] = (f"Attempt {attempt}: {len(running)} of {spec.distributed.nodes} pod(s) running"
-                                  + (f"; waiting for capacity: {signals[0][1][1]}" if signals else ""))
+        status.set_message(f"Attempt {attempt}: {len(running)} of {spec.distributed.nodes} pod(s) running"
+                           + (f"; waiting for capacity: {signals[0][1][1]}" if signals else ""))
 
     # 16. Progress and training metrics from rank 0's endpoint, read by the caller while the gang runs.
     if sample is not None and status.phase == c.PHASE_RUNNING:
-        _apply_progress(status, job_now, sample)
+        status.record_progress(sample, spec.output, spec.distributed.world_size)
     return done()
