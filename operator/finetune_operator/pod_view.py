@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +98,8 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView | None:
         waiting_message=waiting.get("message"),
         pod_ip=status.get("podIP") or None,
     )
+
+
+def observe_pods(pods: Iterable[Mapping[str, Any]]) -> list[PodView]:
+    """The job's pods that carry rank and attempt labels, as the decision sees them."""
+    return [view for view in (observe_pod(pod) for pod in pods) if view is not None]
