@@ -7,20 +7,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from operator_factories import DELETE, FakeSettings, at, make_event, make_job, make_pod, ts
+from operator_factories import (
+    DELETE,
+    TWO_NODES,
+    FakeSettings,
+    at,
+    condition,
+    described,
+    make_event,
+    make_job,
+    make_pod,
+    running_status,
+    ts,
+)
 
 from finetune_operator.decide import (
     CreateChild,
     Decision,
-    DeleteJob,
-    DeletePod,
     EventToEmit,
     decide,
 )
 from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.progress import ProgressSample
-
-TWO_NODES = {"spec.distributed.nodes": 2}
 
 
 def run(
@@ -31,41 +39,6 @@ def run(
     sample: ProgressSample | None = None,
 ) -> Decision:
     return decide(job, list(pods), list(events), at(now), FakeSettings(), sample)
-
-
-def described(decision: Decision) -> list[str]:
-    """The actions as short sentences, in order."""
-    out = []
-    for action in decision.actions:
-        if isinstance(action, CreateChild):
-            verb = "apply" if action.update_existing else "create"
-            out.append(f"{verb} {action.kind} {action.name}")
-        elif isinstance(action, DeletePod):
-            out.append(f"delete Pod {action.name}")
-        elif isinstance(action, DeleteJob):
-            out.append("delete FineTuneJob")
-    return out
-
-
-def condition(decision: Decision, kind: str) -> dict[str, Any] | None:
-    return next((c for c in decision.status.get("conditions", []) if c["type"] == kind), None)
-
-
-def running_status(attempt: int = 0, **extra: Any) -> dict[str, Any]:
-    status = {
-        "phase": "Running",
-        "attempt": attempt,
-        "restarts": attempt,
-        "countedFailures": 0,
-        "startTime": ts(10),
-        "message": f"Attempt {attempt}: all 2 pod(s) running",
-        "observedGeneration": 1,
-        "conditions": [{"type": "Running", "status": "True", "reason": "AllPodsRunning",
-                        "message": f"attempt {attempt}: all pods running", "lastTransitionTime": ts(10),
-                        "observedGeneration": 1}],
-    }
-    status.update(extra)
-    return status
 
 
 def running_job(**paths: Any) -> dict[str, Any]:
