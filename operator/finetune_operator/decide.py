@@ -33,6 +33,7 @@ from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.pod_view import PodView, observe_pods
 from finetune_operator.progress import ProgressSample, sample_from_result
 from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta, parse_time
+from finetune_operator.ttl_after_finished import keep_finished
 
 __all__ = ["CreateChild", "Decision", "DecideSettings", "DeleteJob", "DeletePod", "EventToEmit", "decide"]
 
@@ -147,25 +148,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
             if draft.pods:
                 status.set_attempt(max(pod.attempt for pod in draft.pods) + 1)
     return parsed
-
-
-def _keep_finished(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    status = draft.status
-    if status.phase not in c.FINISHED_PHASES:
-        return False
-    draft.clean_pods()
-    finished_at = status.time("completionTime")
-    if finished_at is None:
-        finished_at = draft.now
-        status.set_time("completionTime", draft.now)
-    ttl = observed.spec.ttl_seconds_after_finished
-    if ttl is not None:
-        expires = finished_at + datetime.timedelta(seconds=ttl)
-        if draft.now >= expires:
-            draft.actions.append(DeleteJob())
-        else:
-            draft.requeue_at(expires)
-    return True
 
 
 def _delete_stale_pods(observed: ObservedJob, draft: DecisionDraft) -> bool:
@@ -376,7 +358,7 @@ def _record_progress(observed: ObservedJob, draft: DecisionDraft) -> None:
 # The policies after the spec is accepted, in order; the first that completes the decision ends it.
 POLICIES: tuple[Policy, ...] = (
     # Finished jobs stay finished: cleanPodPolicy on what is left, the job deleted after its TTL.
-    _keep_finished,
+    keep_finished,
     # Pods of older attempts are garbage (the restart already recorded why they stopped).
     _delete_stale_pods,
     # Suspend: no pods at all; a gang that had started comes back as a new attempt on resume.
