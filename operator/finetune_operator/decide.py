@@ -33,6 +33,7 @@ from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.pod_view import PodView, observe_pods
 from finetune_operator.progress import ProgressSample, sample_from_result
 from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta, parse_time
+from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
 
 __all__ = ["CreateChild", "Decision", "DecideSettings", "DeleteJob", "DeletePod", "EventToEmit", "decide"]
@@ -153,24 +154,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
 def _delete_stale_pods(observed: ObservedJob, draft: DecisionDraft) -> bool:
     draft.delete_pods(observed.stale)
     return False
-
-
-def _suspend(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    if not observed.spec.suspend:
-        return False
-    status = draft.status
-    draft.delete_pods(observed.current)
-    if status.phase != c.PHASE_SUSPENDED:
-        if observed.current:
-            status.record_restart()
-        status.enter(c.PHASE_SUSPENDED, c.REASON_SUSPENDED, "Suspended: the job has no pods until resumed")
-        status.set_condition(c.CONDITION_SUSPENDED, True, c.REASON_SUSPENDED, "spec.suspend is true")
-        status.clear_condition(c.CONDITION_RUNNING, c.REASON_SUSPENDED, "the job is suspended")
-        status.clear_condition(c.CONDITION_WAITING_FOR_CAPACITY, c.REASON_SUSPENDED, "the job is suspended")
-        # The active deadline counts running time since the last resume, as for a Kubernetes Job.
-        status.clear_time("startTime")
-        status.clear_time("restartAfter")
-    return True
 
 
 def _finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
@@ -362,7 +345,7 @@ POLICIES: tuple[Policy, ...] = (
     # Pods of older attempts are garbage (the restart already recorded why they stopped).
     _delete_stale_pods,
     # Suspend: no pods at all; a gang that had started comes back as a new attempt on resume.
-    _suspend,
+    suspend,
     # Success: node rank 0 finished training and exported the model.
     _finish_on_success,
     # Gang failure: a failed pod fails the attempt, and so does a pod that vanished after the gang started (the
