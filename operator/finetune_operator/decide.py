@@ -31,8 +31,9 @@ from finetune_operator.decision import (
 from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.pod_view import PodView, observe_pods
-from finetune_operator.progress import ProgressSample, sample_from_result
+from finetune_operator.progress import ProgressSample
 from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta, parse_time
+from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
 
@@ -154,20 +155,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
 def _delete_stale_pods(observed: ObservedJob, draft: DecisionDraft) -> bool:
     draft.delete_pods(observed.stale)
     return False
-
-
-def _finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    rank0 = next((pod for pod in observed.current if pod.rank == 0), None)
-    if rank0 is None or rank0.phase != "Succeeded":
-        return False
-    spec = observed.spec
-    draft.status.record_model(spec.output.model_uri, spec.export)
-    # The trainer's final summary (termination message) is authoritative; the last scrape may be older.
-    final = sample_from_result(rank0.termination_message) or observed.sample
-    if final is not None:
-        draft.status.record_progress(final, spec.output, spec.distributed.world_size)
-    draft.finish(succeeded=True, reason=c.REASON_SUCCEEDED, message=f"Model written to {spec.output.model_uri}")
-    return True
 
 
 def _gang_failure(observed: ObservedJob, phase: str | None) -> _Failure | None:
@@ -347,7 +334,7 @@ POLICIES: tuple[Policy, ...] = (
     # Suspend: no pods at all; a gang that had started comes back as a new attempt on resume.
     suspend,
     # Success: node rank 0 finished training and exported the model.
-    _finish_on_success,
+    finish_on_success,
     # Gang failure: a failed pod fails the attempt, and so does a pod that vanished after the gang started (the
     # surviving ranks cannot re-rendezvous with a replacement). Permanent errors fail the job; the rest restart
     # it, counted against backoffLimit unless the platform caused them.
