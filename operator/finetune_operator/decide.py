@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from finetune_operator import constants as c
@@ -28,6 +27,7 @@ from finetune_operator.decision import (
     observe_job,
     start_draft,
 )
+from finetune_operator.failure_policy import delete_stale_pods, restart_or_fail, wait_for_restart
 from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import create_refusal_verdict
 from finetune_operator.pod_view import PodView, observe_pods
@@ -47,56 +47,7 @@ class DecideSettings(Protocol):
     def trainer_image(self) -> str: ...
 
 
-# ---- why an attempt failed, what holds a pod back -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Failure:
-    counted: bool
-    permanent: bool
-    reason: str
-    message: str
-
-
-def _describe_exit(pod: PodView) -> str:
-    parts = [f"pod {pod.name}"]
-    if pod.exit_code is not None:
-        parts.append(f"exited with code {pod.exit_code}")
-    else:
-        parts.append("failed")
-    if pod.termination_reason and pod.termination_reason not in ("Error", "Completed"):
-        parts.append(f"({pod.termination_reason})")
-    if pod.pod_reason:
-        parts.append(f"[{pod.pod_reason}]")
-    text = " ".join(parts)
-    if pod.termination_message:
-        text += f": {pod.termination_message.strip()}"
-    return text
-
-
-def _classify_gang_failure(job: FineTuneJob, failed: Sequence[PodView], current: Sequence[PodView]) -> _Failure:
-    """Why the attempt failed, and whether it counts against backoffLimit.
-
-    A permanent error anywhere wins. Otherwise any sign of the platform (preemption exit code, eviction, node
-    loss, a DisruptionTarget condition on any pod of the gang) makes the failure uncounted: the other ranks then
-    fail only because a peer vanished, and counting those would let spot preemptions exhaust the budget.
-    """
-    for pod in failed:
-        if pod.exit_code == c.EXIT_INVALID:
-            return _Failure(False, True, c.REASON_PERMANENT_ERROR, f"{_describe_exit(pod)} (permanent error: "
-                            "the config or the data is wrong; not retried)")
-    for pod in current:
-        if pod.disrupted:
-            return _Failure(False, False, c.REASON_DISRUPTED, f"{_describe_exit(pod)} (disrupted by the platform)")
-    for pod in failed:
-        if pod.exit_code == c.EXIT_PREEMPTED:
-            return _Failure(False, False, c.REASON_PREEMPTED, f"{_describe_exit(pod)} (preempted; checkpoint saved)")
-    for pod in failed:
-        if pod.exit_code is not None and pod.exit_code in job.spec.retryable_exit_codes:
-            return _Failure(False, False, c.REASON_RETRYABLE_EXIT_CODE,
-                            f"{_describe_exit(pod)} (in retryableExitCodes)")
-    first = min(failed, key=lambda p: p.rank)
-    return _Failure(True, False, c.REASON_POD_FAILED, _describe_exit(first))
+# ---- what holds a pod back ------------------------------------------------------------------------------
 
 
 def _capacity_signal(pod: PodView, events: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
@@ -152,52 +103,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
     return parsed
 
 
-def _delete_stale_pods(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    draft.delete_pods(observed.stale)
-    return False
-
-
-def _gang_failure(observed: ObservedJob, phase: str | None) -> _Failure | None:
-    failed = [pod for pod in observed.current if pod.phase == "Failed"]
-    if failed:
-        return _classify_gang_failure(observed.job, failed, observed.current)
-    if observed.missing and phase == c.PHASE_RUNNING:
-        names = ", ".join(f"node rank {rank}" for rank in observed.missing)
-        return _Failure(False, False, c.REASON_POD_MISSING, f"the pod of {names} was deleted while running")
-    return None
-
-
-def _restart_or_fail(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    status, spec, attempt = draft.status, observed.spec, observed.attempt
-    failure = _gang_failure(observed, status.phase)
-    if failure is None:
-        return False
-    if failure.permanent:
-        draft.finish(succeeded=False, reason=c.REASON_PERMANENT_ERROR, message=failure.message)
-        return True
-    counted = status.record_failure(failure.counted)
-    if counted > spec.backoff_limit:
-        message = f"{failure.message}; {counted} counted failures exceed backoffLimit {spec.backoff_limit}"
-        draft.finish(succeeded=False, reason=c.REASON_BACKOFF_LIMIT_EXCEEDED, message=message)
-        return True
-    delay = spec.restart_backoff.delay(status.get_int("restarts"))
-    restart_after = draft.now + datetime.timedelta(seconds=delay)
-    status.record_restart(restart_after)
-    counted_text = "counted" if failure.counted else "not counted"
-    status.enter(
-        c.PHASE_RESTARTING,
-        failure.reason,
-        f"Attempt {attempt} failed: {failure.message} ({counted_text}: {counted}/{spec.backoff_limit} "
-        f"failures); attempt {attempt + 1} starts in {delay}s",
-        c.EVENT_WARNING,
-    )
-    status.clear_condition(c.CONDITION_RUNNING, failure.reason, failure.message)
-    status.clear_condition(c.CONDITION_WAITING_FOR_CAPACITY, failure.reason, "the attempt failed")
-    draft.delete_pods(observed.current)
-    draft.requeue_at(restart_after)
-    return True
-
-
 def _fail_past_active_deadline(observed: ObservedJob, draft: DecisionDraft) -> bool:
     seconds = observed.spec.active_deadline_seconds
     started = draft.status.time("startTime")
@@ -210,16 +115,6 @@ def _fail_past_active_deadline(observed: ObservedJob, draft: DecisionDraft) -> b
     draft.finish(succeeded=False, reason=c.REASON_DEADLINE_EXCEEDED,
                  message=f"Running longer than activeDeadlineSeconds {seconds}")
     return True
-
-
-def _wait_for_restart(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    status = draft.status
-    if status.phase == c.PHASE_RESTARTING:
-        restart_after = status.time("restartAfter")
-        if restart_after is not None and draft.now < restart_after:
-            draft.requeue_at(restart_after)
-            return True
-    return not observed.current and any(pod.active for pod in observed.stale)
 
 
 def _fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> bool:
@@ -330,7 +225,7 @@ POLICIES: tuple[Policy, ...] = (
     # Finished jobs stay finished: cleanPodPolicy on what is left, the job deleted after its TTL.
     keep_finished,
     # Pods of older attempts are garbage (the restart already recorded why they stopped).
-    _delete_stale_pods,
+    delete_stale_pods,
     # Suspend: no pods at all; a gang that had started comes back as a new attempt on resume.
     suspend,
     # Success: node rank 0 finished training and exported the model.
@@ -338,12 +233,12 @@ POLICIES: tuple[Policy, ...] = (
     # Gang failure: a failed pod fails the attempt, and so does a pod that vanished after the gang started (the
     # surviving ranks cannot re-rendezvous with a replacement). Permanent errors fail the job; the rest restart
     # it, counted against backoffLimit unless the platform caused them.
-    _restart_or_fail,
+    restart_or_fail,
     # activeDeadlineSeconds, counted from the first moment all pods ran (since the last resume).
     _fail_past_active_deadline,
     # Restart backoff: the next attempt waits for restartAfter and for the old gang to stop, so it resumes from the
     # emergency checkpoint the old ranks are still writing and never shares their hostnames.
-    _wait_for_restart,
+    wait_for_restart,
     # Pods the API refused to create (recorded by the reconcile in PodCreateFailed): a permanent refusal fails the
     # job at once, any other once startupDeadlineSeconds have passed since the first.
     _fail_on_refused_creates,
