@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from finetune_operator import constants as c
 from finetune_operator.builders import build_config_map, build_service, build_worker_pod
+from finetune_operator.deadline_policy import fail_past_active_deadline, fail_past_startup_deadline
 from finetune_operator.decision import (
     CreateChild,
     Decision,
@@ -103,20 +104,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
     return parsed
 
 
-def _fail_past_active_deadline(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    seconds = observed.spec.active_deadline_seconds
-    started = draft.status.time("startTime")
-    if seconds is None or started is None:
-        return False
-    deadline = started + datetime.timedelta(seconds=seconds)
-    if draft.now < deadline:
-        draft.requeue_at(deadline)
-        return False
-    draft.finish(succeeded=False, reason=c.REASON_DEADLINE_EXCEEDED,
-                 message=f"Running longer than activeDeadlineSeconds {seconds}")
-    return True
-
-
 def _fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> bool:
     refusal = create_refusal_verdict(draft.status, observed.spec.startup_deadline_seconds,
                                      all_created=not observed.missing)
@@ -126,24 +113,6 @@ def _fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> boo
         return True
     if refusal.retry_until is not None:
         draft.requeue_at(refusal.retry_until)
-    return False
-
-
-def _fail_past_startup_deadline(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    seconds = observed.spec.startup_deadline_seconds
-    for pod in observed.current:
-        if pod.phase != "Pending" or not pod.scheduled or pod.scheduled_at is None:
-            continue
-        deadline = pod.scheduled_at + datetime.timedelta(seconds=seconds)
-        if draft.now < deadline:
-            draft.requeue_at(deadline)
-            continue
-        reason = pod.waiting_reason if pod.waiting_reason in c.STARTUP_FAILURE_REASONS else c.REASON_CONTAINER_CREATING
-        detail = f": {pod.waiting_message}" if pod.waiting_message else ""
-        message = (f"pod {pod.name} is not running {seconds}s after it was scheduled "
-                   f"({reason}{detail}; startupDeadlineSeconds {seconds})")
-        draft.finish(succeeded=False, reason=reason, message=message)
-        return True
     return False
 
 
@@ -235,7 +204,7 @@ POLICIES: tuple[Policy, ...] = (
     # it, counted against backoffLimit unless the platform caused them.
     restart_or_fail,
     # activeDeadlineSeconds, counted from the first moment all pods ran (since the last resume).
-    _fail_past_active_deadline,
+    fail_past_active_deadline,
     # Restart backoff: the next attempt waits for restartAfter and for the old gang to stop, so it resumes from the
     # emergency checkpoint the old ranks are still writing and never shares their hostnames.
     wait_for_restart,
@@ -243,7 +212,7 @@ POLICIES: tuple[Policy, ...] = (
     # job at once, any other once startupDeadlineSeconds have passed since the first.
     _fail_on_refused_creates,
     # startupDeadlineSeconds: a scheduled pod that cannot start (image pulls, bad config refs, stuck creation).
-    _fail_past_startup_deadline,
+    fail_past_startup_deadline,
     # Capacity: unscheduled pods with FailedScheduling / autoscaler events wait, with the scheduler's words in
     # WaitingForCapacity, for capacityTimeoutSeconds counted from when the waiting began.
     _wait_for_capacity,
