@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from finetune_operator import constants as c
 from finetune_operator.builders import build_config_map, build_service, build_worker_pod
+from finetune_operator.capacity_policy import wait_for_capacity
 from finetune_operator.deadline_policy import fail_past_active_deadline, fail_past_startup_deadline
 from finetune_operator.decision import (
     CreateChild,
@@ -31,9 +32,9 @@ from finetune_operator.decision import (
 from finetune_operator.failure_policy import delete_stale_pods, restart_or_fail, wait_for_restart
 from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import create_refusal_verdict
-from finetune_operator.pod_view import PodView, observe_pods
+from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
-from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta, parse_time
+from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta
 from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
@@ -46,34 +47,6 @@ class DecideSettings(Protocol):
 
     @property
     def trainer_image(self) -> str: ...
-
-
-# ---- what holds a pod back ------------------------------------------------------------------------------
-
-
-def _capacity_signal(pod: PodView, events: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
-    """(reason, message) of the newest scheduler/autoscaler event about an unscheduled pod, else its condition."""
-    best: tuple[datetime.datetime, str, str] | None = None
-    epoch = datetime.datetime.min.replace(tzinfo=datetime.UTC)
-    for event in events:
-        involved = event.get("involvedObject") or event.get("regarding") or {}
-        if involved.get("name") != pod.name or event.get("reason") not in c.CAPACITY_EVENT_REASONS:
-            continue
-        when = (
-            parse_time(event.get("lastTimestamp"))
-            or parse_time((event.get("series") or {}).get("lastObservedTime"))
-            or parse_time(event.get("eventTime"))
-            or parse_time(event.get("firstTimestamp"))
-            or parse_time((event.get("metadata") or {}).get("creationTimestamp"))
-            or epoch
-        )
-        if best is None or when >= best[0]:
-            best = (when, str(event["reason"]), str(event.get("message") or event.get("note") or ""))
-    if best is not None:
-        return best[1], best[2]
-    if pod.unschedulable_message is not None:
-        return "FailedScheduling", pod.unschedulable_message
-    return None
 
 
 # ---- the steps ------------------------------------------------------------------------------------------
@@ -113,31 +86,6 @@ def _fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> boo
         return True
     if refusal.retry_until is not None:
         draft.requeue_at(refusal.retry_until)
-    return False
-
-
-def _wait_for_capacity(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    status = draft.status
-    waiting_pods = (pod for pod in observed.current if pod.phase == "Pending" and not pod.scheduled)
-    first = next(((pod, signal) for pod in waiting_pods
-                  for signal in [_capacity_signal(pod, observed.events)] if signal is not None), None)
-    if first is None:
-        status.clear_condition(c.CONDITION_WAITING_FOR_CAPACITY, c.REASON_CAPACITY_AVAILABLE,
-                               "every pod is scheduled or waiting for nothing")
-        return False
-    pod, (reason, message) = first
-    if not status.condition_true(c.CONDITION_WAITING_FOR_CAPACITY):
-        status.emit(c.EVENT_WARNING, c.CONDITION_WAITING_FOR_CAPACITY, f"pod {pod.name}: {message}")
-    status.set_condition(c.CONDITION_WAITING_FOR_CAPACITY, True, reason, message)
-    waiting = status.condition(c.CONDITION_WAITING_FOR_CAPACITY) or {}
-    since = parse_time(waiting.get("lastTransitionTime")) or draft.now
-    timeout = observed.spec.capacity_timeout_seconds
-    timeout_at = since + datetime.timedelta(seconds=timeout)
-    if draft.now >= timeout_at:
-        draft.finish(succeeded=False, reason=c.REASON_CAPACITY_TIMEOUT,
-                     message=f"No capacity for {timeout}s (capacityTimeoutSeconds): {message}")
-        return True
-    draft.requeue_at(timeout_at)
     return False
 
 
@@ -215,7 +163,7 @@ POLICIES: tuple[Policy, ...] = (
     fail_past_startup_deadline,
     # Capacity: unscheduled pods with FailedScheduling / autoscaler events wait, with the scheduler's words in
     # WaitingForCapacity, for capacityTimeoutSeconds counted from when the waiting began.
-    _wait_for_capacity,
+    wait_for_capacity,
 )
 
 
