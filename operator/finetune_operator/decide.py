@@ -31,7 +31,7 @@ from finetune_operator.decision import (
 )
 from finetune_operator.failure_policy import delete_stale_pods, restart_or_fail, wait_for_restart
 from finetune_operator.job_status import EventToEmit
-from finetune_operator.pod_creation import create_refusal_verdict
+from finetune_operator.pod_creation import fail_on_refused_creates
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
 from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta
@@ -75,18 +75,6 @@ def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob |
             if draft.pods:
                 status.set_attempt(max(pod.attempt for pod in draft.pods) + 1)
     return parsed
-
-
-def _fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    refusal = create_refusal_verdict(draft.status, observed.spec.startup_deadline_seconds,
-                                     all_created=not observed.missing)
-    if refusal.failure is not None:
-        reason, message = refusal.failure
-        draft.finish(succeeded=False, reason=reason, message=message)
-        return True
-    if refusal.retry_until is not None:
-        draft.requeue_at(refusal.retry_until)
-    return False
 
 
 def _create_gang(observed: ObservedJob, draft: DecisionDraft, trainer_image: str) -> None:
@@ -158,7 +146,7 @@ POLICIES: tuple[Policy, ...] = (
     wait_for_restart,
     # Pods the API refused to create (recorded by the reconcile in PodCreateFailed): a permanent refusal fails the
     # job at once, any other once startupDeadlineSeconds have passed since the first.
-    _fail_on_refused_creates,
+    fail_on_refused_creates,
     # startupDeadlineSeconds: a scheduled pod that cannot start (image pulls, bad config refs, stuck creation).
     fail_past_startup_deadline,
     # Capacity: unscheduled pods with FailedScheduling / autoscaler events wait, with the scheduler's words in
