@@ -30,11 +30,12 @@ from finetune_operator.decision import (
     start_draft,
 )
 from finetune_operator.failure_policy import delete_stale_pods, restart_or_fail, wait_for_restart
+from finetune_operator.invalid_spec_policy import accept_spec
 from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import fail_on_refused_creates
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
-from finetune_operator.spec import FineTuneJob, InvalidSpecError, parse_job, parse_meta
+from finetune_operator.spec import parse_meta
 from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
@@ -50,31 +51,6 @@ class DecideSettings(Protocol):
 
 
 # ---- the steps ------------------------------------------------------------------------------------------
-
-
-def _accept_spec(body: Mapping[str, Any], draft: DecisionDraft) -> FineTuneJob | None:
-    """The parsed job, or None when the spec is invalid: the job fails with an InvalidSpec condition naming the
-    field. A later edit that fixes it (a new generation) starts the job again."""
-    status = draft.status
-    try:
-        parsed = parse_job(body)
-    except InvalidSpecError as error:
-        if status.phase in c.FINISHED_PHASES and not status.condition_true(c.CONDITION_INVALID_SPEC):
-            return None
-        message = str(error)
-        status.set_condition(c.CONDITION_INVALID_SPEC, True, c.REASON_INVALID_SPEC, message)
-        draft.finish(succeeded=False, reason=c.REASON_INVALID_SPEC, message=message)
-        if status.old_phase == c.PHASE_FAILED:
-            status.keep_completion_time()
-        return None
-    if status.condition_true(c.CONDITION_INVALID_SPEC):
-        status.set_condition(c.CONDITION_INVALID_SPEC, False, c.REASON_SPEC_VALID, "the spec is valid")
-        if status.phase == c.PHASE_FAILED:
-            # Start over as a new job; a new attempt number keeps any pods left behind out of the way.
-            status.reopen(c.REASON_SPEC_VALID, "the spec was corrected")
-            if draft.pods:
-                status.set_attempt(max(pod.attempt for pod in draft.pods) + 1)
-    return parsed
 
 
 def _create_gang(observed: ObservedJob, draft: DecisionDraft, trainer_image: str) -> None:
@@ -168,9 +144,11 @@ def decide(
     if parse_meta(job).deleting:
         return Decision((), dict(job.get("status") or {}))
     draft = start_draft(job, observe_pods(pods), now)
-    parsed = _accept_spec(job, draft)
+    # An invalid spec fails the job with an InvalidSpec condition naming the field; a corrected one starts it again.
+    parsed = accept_spec(job, draft)
     if parsed is None:
         return draft.decision()
+    # The current attempt and its pods, then the policies in order.
     observed = observe_job(parsed, draft.status, draft.pods, events, sample)
     for policy in POLICIES:
         if policy(observed, draft):
