@@ -98,7 +98,7 @@ def _record_running(observed: ObservedJob, draft: DecisionDraft) -> None:
 def _record_progress(observed: ObservedJob, draft: DecisionDraft) -> None:
     """Progress and training metrics from rank 0's endpoint, read by the caller while the gang runs."""
     if observed.sample is not None and draft.status.phase == c.PHASE_RUNNING:
-        draft.status.record_progress(observed.sample, observed.spec.output, observed.spec.distributed.world_size)
+        draft.status.record_progress(observed.sample, observed.spec.output.uri, observed.spec.distributed.world_size)
 
 
 # The policies after the spec is accepted, in order; the first that completes the decision ends it.

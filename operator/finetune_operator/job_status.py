@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator import constants as c
+from finetune_operator.builders import checkpoint_uri
 from finetune_operator.progress import ProgressSample, format_eta, format_summary
-from finetune_operator.spec import OutputSpec, format_time, parse_time
+from finetune_operator.spec import format_time, parse_time
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class JobStatus:
     def record_model(self, uri: str, export: str) -> None:
         self.data["model"] = {"uri": uri, "export": export}
 
-    def record_progress(self, sample: ProgressSample, output: OutputSpec, world_size: int) -> None:
+    def record_progress(self, sample: ProgressSample, output_uri: str, world_size: int) -> None:
         """status.progress, status.metrics and the checkpoints from rank 0's metrics."""
         if sample.step is not None:
             self.data["progress"] = _progress(sample, sample.step)
@@ -160,12 +161,12 @@ class JobStatus:
             self.data["metrics"] = metrics
         if sample.last_checkpoint_step is not None:
             self.data["latestCheckpoint"] = {
-                "uri": output.checkpoint_uri(sample.last_checkpoint_step),
+                "uri": checkpoint_uri(output_uri, sample.last_checkpoint_step),
                 "step": sample.last_checkpoint_step,
             }
         if sample.best_checkpoint_step is not None:
             best: dict[str, Any] = {
-                "uri": output.checkpoint_uri(sample.best_checkpoint_step),
+                "uri": checkpoint_uri(output_uri, sample.best_checkpoint_step),
                 "step": sample.best_checkpoint_step,
             }
             if sample.best_eval_loss is not None:

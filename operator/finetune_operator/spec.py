@@ -124,15 +124,6 @@ class OutputSpec:
     uri: str
     export: str | None = None
 
-    @property
-    def model_uri(self) -> str:
-        """Where the trainer exports the final model."""
-        return f"{self.uri.rstrip('/')}/{c.MODEL_DIR}"
-
-    def checkpoint_uri(self, step: int) -> str:
-        """Where the trainer uploads the checkpoint of a step."""
-        return f"{self.uri.rstrip('/')}/{c.CHECKPOINT_DIR_FORMAT.format(step=step)}"
-
 
 @dataclass(frozen=True)
 class LoraSpec:

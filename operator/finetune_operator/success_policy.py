@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from finetune_operator import constants as c
+from finetune_operator.builders import model_uri
 from finetune_operator.decision import DecisionDraft, ObservedJob
 from finetune_operator.progress import sample_from_result
 
@@ -14,10 +15,11 @@ def finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
     if rank0 is None or rank0.phase != "Succeeded":
         return False
     spec = observed.spec
-    draft.status.record_model(spec.output.model_uri, spec.export)
+    model = model_uri(spec.output.uri)
+    draft.status.record_model(model, spec.export)
     # The trainer's final summary (termination message) is authoritative; the last scrape may be older.
     final = sample_from_result(rank0.termination_message) or observed.sample
     if final is not None:
-        draft.status.record_progress(final, spec.output, spec.distributed.world_size)
-    draft.finish(succeeded=True, reason=c.REASON_SUCCEEDED, message=f"Model written to {spec.output.model_uri}")
+        draft.status.record_progress(final, spec.output.uri, spec.distributed.world_size)
+    draft.finish(succeeded=True, reason=c.REASON_SUCCEEDED, message=f"Model written to {model}")
     return True
