@@ -152,6 +152,48 @@ def test_a_failed_attempt_fails_the_job(limit: int, counted_before: int, exit_co
     assert decision.requeue_after is None
 
 
+@pytest.mark.parametrize(
+    ("restarts", "backoff", "delay"),
+    [
+        pytest.param(0, {}, 10, id="first-initial"),
+        pytest.param(1, {}, 20, id="doubles"),
+        pytest.param(3, {}, 80, id="doubles-again"),
+        pytest.param(10, {}, 300, id="capped-at-max"),
+        pytest.param(2, {"initialSeconds": 5, "maxSeconds": 12}, 12, id="custom-cap"),
+        pytest.param(4, {"initialSeconds": 0, "maxSeconds": 0}, 0, id="no-backoff"),
+    ],
+)
+def test_restart_backoff_is_exponential_and_capped(restarts: int, backoff: dict[str, int], delay: int) -> None:
+    job = make_job({**TWO_NODES, "status": running_status(restarts=restarts), "spec.restartBackoff": backoff,
+                    "spec.backoffLimit": 100})
+    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=1)], now=1000)
+    assert restart_or_fail(observed, draft) is True
+    status = draft.decision().status
+    assert status["restartAfter"] == ts(1000 + delay)
+    assert status["restarts"] == restarts + 1
+
+
+@pytest.mark.parametrize(
+    ("limit", "counted_before", "exit_code", "phase"),
+    [
+        pytest.param(3, 2, 1, "Restarting", id="within-limit"),
+        pytest.param(3, 3, 1, "Failed", id="limit-exhausted"),
+        pytest.param(0, 0, 1, "Failed", id="limit-zero-first-failure-fails"),
+        pytest.param(3, 3, 75, "Restarting", id="preemptions-never-exhaust-the-limit"),
+    ],
+)
+def test_backoff_limit(limit: int, counted_before: int, exit_code: int, phase: str) -> None:
+    job = make_job({**TWO_NODES, "spec.backoffLimit": limit, "status": running_status(countedFailures=counted_before)})
+    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=exit_code)])
+    assert restart_or_fail(observed, draft) is True
+    status = draft.decision().status
+    assert status["phase"] == phase
+    if phase == "Failed":
+        assert status["conditions"][-1]["reason"] == "BackoffLimitExceeded"
+        assert status["message"].endswith(f"{counted_before + 1} counted failures exceed backoffLimit {limit}")
+        assert "restartAfter" not in status
+
+
 def test_an_attempt_that_has_not_failed_is_left_to_the_next_policies() -> None:
     job = make_job({**TWO_NODES, "status": running_status()})
     observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Running")], now=1000)
