@@ -290,6 +290,13 @@ def test_invalid_exit_code_fails_the_job_at_once_with_the_termination_message() 
     assert decision.events_to_emit == (EventToEmit("Warning", "PermanentError", message),)
 
 
+def test_counted_failures_beyond_backoff_limit_fail_the_job() -> None:
+    job = make_job({**TWO_NODES, "spec.backoffLimit": 1, "status": running_status(countedFailures=1)})
+    decision = run(job, [make_pod(0, 0, "Running"), make_pod(1, 0, "Failed", exit_code=1)])
+    assert (decision.status["phase"], condition(decision, "Failed")["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert "restartAfter" not in decision.status
+
+
 def test_a_pod_vanishing_while_running_restarts_the_gang_uncounted() -> None:
     decision = run(running_job(), [make_pod(0, 0, "Running")], now=1000)
     assert decision.status["phase"] == "Restarting"
@@ -438,10 +445,6 @@ def test_active_deadline_not_reached_requeues_for_it() -> None:
         pytest.param(make_pod(1, node="n1", scheduled_at=5, waiting="ImagePullBackOff",
                               waiting_message="Back-off pulling image"),
                      "ImagePullBackOff", "ImagePullBackOff: Back-off pulling image", id="image-pull-backoff"),
-        pytest.param(make_pod(1, node="n1", scheduled_at=5, waiting="CreateContainerConfigError",
-                              waiting_message='secret "s3" not found'),
-                     "CreateContainerConfigError", 'CreateContainerConfigError: secret "s3" not found',
-                     id="missing-secret"),
         pytest.param(make_pod(1, node="n1", scheduled_at=5), "ContainerCreating", "ContainerCreating",
                      id="stuck-creating"),
     ],
