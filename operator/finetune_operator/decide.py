@@ -22,8 +22,6 @@ from finetune_operator.decision import (
     CreateChild,
     Decision,
     DecisionDraft,
-    DeleteJob,
-    DeletePod,
     ObservedJob,
     Policy,
     observe_job,
@@ -40,7 +38,7 @@ from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
 
-__all__ = ["CreateChild", "Decision", "DecideSettings", "DeleteJob", "DeletePod", "EventToEmit", "decide"]
+__all__ = ["CreateChild", "Decision", "DecideSettings", "EventToEmit", "decide"]
 
 
 class DecideSettings(Protocol):
@@ -77,7 +75,7 @@ def _create_gang(observed: ObservedJob, draft: DecisionDraft, trainer_image: str
 
 def _record_running(observed: ObservedJob, draft: DecisionDraft) -> None:
     """Running once every pod of the attempt runs; startTime is the first time that happened."""
-    status, nodes, attempt = draft.status, observed.spec.distributed.nodes, observed.attempt
+    status, nodes, attempt = draft.status, observed.spec.distributed.nodes, observed.job.attempt
     running = [pod for pod in observed.current if pod.phase == "Running" and not pod.deleting]
     if len(running) == nodes:
         if status.phase != c.PHASE_RUNNING:

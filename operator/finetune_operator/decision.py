@@ -74,10 +74,6 @@ class ObservedJob:
     def spec(self) -> JobSpec:
         return self.job.spec
 
-    @property
-    def attempt(self) -> int:
-        return self.job.attempt
-
 
 def observe_job(
     parsed: FineTuneJob,

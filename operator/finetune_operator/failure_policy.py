@@ -80,7 +80,7 @@ def gang_failure(observed: ObservedJob, phase: str | None) -> GangFailure | None
 def restart_or_fail(observed: ObservedJob, draft: DecisionDraft) -> bool:
     """Complete the decision when the attempt failed: a permanent error or an exhausted backoffLimit fails the job,
     anything else restarts the gang as the next attempt after the restart backoff."""
-    status, spec, attempt = draft.status, observed.spec, observed.attempt
+    status, spec, attempt = draft.status, observed.spec, observed.job.attempt
     failure = gang_failure(observed, status.phase)
     if failure is None:
         return False

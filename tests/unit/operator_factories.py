@@ -1,5 +1,5 @@
 """Factories for the operator's unit tests: FineTuneJob bodies, pods and events as the API server returns them, the
-job as the decision's policies see it, and a decision's actions as short sentences."""
+job as one of the decision's policies sees it, and a decision's actions as short sentences."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Any
 from finetune_operator.decision import (
     CreateChild,
     Decision,
-    DecisionDraft,
     DeleteJob,
     DeletePod,
-    ObservedJob,
+    Policy,
     observe_job,
     start_draft,
 )
@@ -183,17 +182,15 @@ def running_status(attempt: int = 0, **extra: Any) -> dict[str, Any]:
     return status
 
 
-def observe(
-    job: dict[str, Any],
-    pods: Sequence[dict[str, Any]] = (),
-    events: Sequence[Mapping[str, Any]] = (),
-    now: float = 100,
-    sample: ProgressSample | None = None,
-) -> tuple[ObservedJob, DecisionDraft]:
-    """The job as ``decide``'s policies see it once its spec is accepted, and an empty decision for them to fill."""
+def apply_policy(policy: Policy, job: dict[str, Any], pods: Sequence[dict[str, Any]] = (),
+                 events: Sequence[Mapping[str, Any]] = (), now: float = 100,
+                 sample: ProgressSample | None = None) -> tuple[bool, Decision]:
+    """One of ``decide``'s policies on its own, on the job as ``decide`` observes it once the spec is accepted:
+    whether the policy completed the decision, and the decision as the policy left it."""
     views = observe_pods(pods)
     draft = start_draft(job, views, at(now))
-    return observe_job(parse_job(job), draft.status, views, events, sample), draft
+    observed = observe_job(parse_job(job), draft.status, views, events, sample)
+    return policy(observed, draft), draft.decision()
 
 
 def described(decision: Decision) -> list[str]:

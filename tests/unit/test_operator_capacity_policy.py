@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import TWO_NODES, described, make_event, make_job, make_pod, observe, ts
+from operator_factories import TWO_NODES, apply_policy, described, make_event, make_job, make_pod, ts
 
 from finetune_operator.capacity_policy import capacity_signal, wait_for_capacity
 from finetune_operator.decide import EventToEmit
@@ -99,9 +99,8 @@ def test_waiting_for_capacity(timeout: int, before: dict[str, Any], pods: list[d
                               events: list[dict[str, Any]], expected_status: dict[str, Any],
                               emitted: tuple[EventToEmit, ...], requeue_after: float | None) -> None:
     job = make_job({**TWO_NODES, "spec.capacityTimeoutSeconds": timeout, "status": before})
-    observed, draft = observe(job, pods, events)
-    assert wait_for_capacity(observed, draft) is (expected_status["phase"] == "Failed")
-    decision = draft.decision()
+    completed, decision = apply_policy(wait_for_capacity, job, pods, events)
+    assert completed is (expected_status["phase"] == "Failed")
     assert decision.status == expected_status
     assert decision.events_to_emit == emitted
     assert decision.requeue_after == requeue_after

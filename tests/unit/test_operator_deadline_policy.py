@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import DELETE, TWO_NODES, described, make_job, make_pod, observe, running_status, ts
+from operator_factories import DELETE, TWO_NODES, apply_policy, described, make_job, make_pod, running_status, ts
 
 from finetune_operator.deadline_policy import fail_past_active_deadline, fail_past_startup_deadline
 from finetune_operator.decide import EventToEmit
@@ -40,9 +40,8 @@ DEADLINE_PASSED = "Running longer than activeDeadlineSeconds 3600"
 def test_active_deadline(deadline: Any, status: dict[str, Any], now: float, expected_status: dict[str, Any],
                          actions: list[str], requeue_after: float | None) -> None:
     job = make_job({**TWO_NODES, "spec.activeDeadlineSeconds": deadline, "status": status})
-    observed, draft = observe(job, GANG, now=now)
-    assert fail_past_active_deadline(observed, draft) is (expected_status["phase"] == "Failed")
-    decision = draft.decision()
+    completed, decision = apply_policy(fail_past_active_deadline, job, GANG, now=now)
+    assert completed is (expected_status["phase"] == "Failed")
     assert decision.status == expected_status
     assert described(decision) == actions
     assert decision.requeue_after == requeue_after
@@ -77,9 +76,8 @@ def not_started(reason: str, detail: str) -> str:
 def test_startup_deadline(pod: dict[str, Any], now: float, reason: str | None, message: str | None,
                           requeue_after: float | None) -> None:
     job = make_job({**TWO_NODES, "spec.startupDeadlineSeconds": 300, "status": PENDING})
-    observed, draft = observe(job, [make_pod(0, phase="Running"), pod], now=now)
-    assert fail_past_startup_deadline(observed, draft) is (reason is not None)
-    decision = draft.decision()
+    completed, decision = apply_policy(fail_past_startup_deadline, job, [make_pod(0, phase="Running"), pod], now=now)
+    assert completed is (reason is not None)
     if reason is None:
         assert decision.status == PENDING
         assert decision.actions == ()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import TWO_NODES, described, make_job, make_pod, observe, running_status, ts
+from operator_factories import TWO_NODES, apply_policy, at, described, make_job, make_pod, running_status, ts
 
 from finetune_operator.decide import EventToEmit
+from finetune_operator.decision import observe_job
 from finetune_operator.failure_policy import (
     GangFailure,
     delete_stale_pods,
@@ -15,6 +16,9 @@ from finetune_operator.failure_policy import (
     restart_or_fail,
     wait_for_restart,
 )
+from finetune_operator.job_status import JobStatus
+from finetune_operator.pod_view import observe_pods
+from finetune_operator.spec import parse_job
 
 RUNNING0 = make_pod(0, 0, "Running")
 
@@ -62,8 +66,8 @@ RUNNING0 = make_pod(0, 0, "Running")
     ],
 )
 def test_why_an_attempt_failed(pods: list[dict[str, Any]], phase: str, expected: GangFailure | None) -> None:
-    observed, _ = observe(make_job({**TWO_NODES, "spec.retryableExitCodes": [134],
-                                    "status": running_status(phase=phase)}), pods)
+    job = make_job({**TWO_NODES, "spec.retryableExitCodes": [134], "status": running_status(phase=phase)})
+    observed = observe_job(parse_job(job), JobStatus(job["status"], at(100), 1), observe_pods(pods))
     assert gang_failure(observed, phase) == expected
 
 
@@ -104,9 +108,8 @@ def restarted(attempt: int, restarts: int, counted: int, delay: float, reason: s
 def test_a_failed_attempt_restarts_the_gang(before: dict[str, Any], pods: list[dict[str, Any]], delay: float,
                                             expected_status: dict[str, Any]) -> None:
     job = make_job({**TWO_NODES, "spec.retryableExitCodes": [134], "status": running_status(**before)})
-    observed, draft = observe(job, pods, now=1000)
-    assert restart_or_fail(observed, draft) is True
-    decision = draft.decision()
+    completed, decision = apply_policy(restart_or_fail, job, pods, now=1000)
+    assert completed is True
     assert decision.status == expected_status
     assert described(decision) == [f"delete Pod {pod['metadata']['name']}" for pod in pods]
     reason = expected_status["conditions"][0]["reason"]
@@ -142,9 +145,9 @@ def failed(counted: int, reason: str, message: str) -> dict[str, Any]:
 def test_a_failed_attempt_fails_the_job(limit: int, counted_before: int, exit_code: int,
                                         expected_status: dict[str, Any]) -> None:
     job = make_job({**TWO_NODES, "spec.backoffLimit": limit, "status": running_status(countedFailures=counted_before)})
-    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=exit_code)], now=1000)
-    assert restart_or_fail(observed, draft) is True
-    decision = draft.decision()
+    pods = [RUNNING0, make_pod(1, 0, "Failed", exit_code=exit_code)]
+    completed, decision = apply_policy(restart_or_fail, job, pods, now=1000)
+    assert completed is True
     assert decision.status == expected_status
     assert described(decision) == ["delete Pod job-a0-n0", "delete Pod job-a0-n1"]
     assert decision.events_to_emit == (EventToEmit("Warning", expected_status["conditions"][1]["reason"],
@@ -166,9 +169,10 @@ def test_a_failed_attempt_fails_the_job(limit: int, counted_before: int, exit_co
 def test_restart_backoff_is_exponential_and_capped(restarts: int, backoff: dict[str, int], delay: int) -> None:
     job = make_job({**TWO_NODES, "status": running_status(restarts=restarts), "spec.restartBackoff": backoff,
                     "spec.backoffLimit": 100})
-    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=1)], now=1000)
-    assert restart_or_fail(observed, draft) is True
-    status = draft.decision().status
+    pods = [RUNNING0, make_pod(1, 0, "Failed", exit_code=1)]
+    completed, decision = apply_policy(restart_or_fail, job, pods, now=1000)
+    assert completed is True
+    status = decision.status
     assert status["restartAfter"] == ts(1000 + delay)
     assert status["restarts"] == restarts + 1
 
@@ -184,9 +188,9 @@ def test_restart_backoff_is_exponential_and_capped(restarts: int, backoff: dict[
 )
 def test_backoff_limit(limit: int, counted_before: int, exit_code: int, phase: str) -> None:
     job = make_job({**TWO_NODES, "spec.backoffLimit": limit, "status": running_status(countedFailures=counted_before)})
-    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=exit_code)])
-    assert restart_or_fail(observed, draft) is True
-    status = draft.decision().status
+    completed, decision = apply_policy(restart_or_fail, job, [RUNNING0, make_pod(1, 0, "Failed", exit_code=exit_code)])
+    assert completed is True
+    status = decision.status
     assert status["phase"] == phase
     if phase == "Failed":
         assert status["conditions"][-1]["reason"] == "BackoffLimitExceeded"
@@ -196,9 +200,9 @@ def test_backoff_limit(limit: int, counted_before: int, exit_code: int, phase: s
 
 def test_an_attempt_that_has_not_failed_is_left_to_the_next_policies() -> None:
     job = make_job({**TWO_NODES, "status": running_status()})
-    observed, draft = observe(job, [RUNNING0, make_pod(1, 0, "Running")], now=1000)
-    assert restart_or_fail(observed, draft) is False
-    assert draft.decision().status == running_status()
+    completed, decision = apply_policy(restart_or_fail, job, [RUNNING0, make_pod(1, 0, "Running")], now=1000)
+    assert completed is False
+    assert decision.status == running_status()
 
 
 def restarting(phase: str = "Restarting") -> dict[str, Any]:
@@ -222,9 +226,8 @@ def restarting(phase: str = "Restarting") -> dict[str, Any]:
 def test_the_next_attempt_waits_for_the_backoff_and_the_old_gang(status: dict[str, Any], pods: list[dict[str, Any]],
                                                                  now: float, waits: bool,
                                                                  requeue_after: float | None) -> None:
-    observed, draft = observe(make_job({**TWO_NODES, "status": status}), pods, now=now)
-    assert wait_for_restart(observed, draft) is waits
-    decision = draft.decision()
+    completed, decision = apply_policy(wait_for_restart, make_job({**TWO_NODES, "status": status}), pods, now=now)
+    assert completed is waits
     assert decision.requeue_after == requeue_after
     assert decision.actions == ()
     assert decision.status == status
@@ -233,6 +236,7 @@ def test_the_next_attempt_waits_for_the_backoff_and_the_old_gang(status: dict[st
 def test_pods_of_older_attempts_are_deleted_once() -> None:
     pods = [make_pod(0, 0, "Failed", exit_code=1), make_pod(1, 0, "Running", deleting=True), make_pod(0, 1, "Running"),
             make_pod(1, 1, "Running")]
-    observed, draft = observe(make_job({**TWO_NODES, "status": running_status(attempt=1)}), pods)
-    assert delete_stale_pods(observed, draft) is False
-    assert described(draft.decision()) == ["delete Pod job-a0-n0"]
+    job = make_job({**TWO_NODES, "status": running_status(attempt=1)})
+    completed, decision = apply_policy(delete_stale_pods, job, pods)
+    assert completed is False
+    assert described(decision) == ["delete Pod job-a0-n0"]

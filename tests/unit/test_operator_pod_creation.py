@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import TWO_NODES, at, described, make_job, make_pod, observe, ts
+from operator_factories import TWO_NODES, apply_policy, at, described, make_job, make_pod, ts
 
 from finetune_operator.job_status import JobStatus
 from finetune_operator.pod_creation import (
@@ -124,9 +124,8 @@ def test_a_refused_create_in_the_decision(before: dict[str, Any], pods: list[dic
                                           expected_status: dict[str, Any], actions: list[str],
                                           requeue_after: float | None) -> None:
     job = make_job({**TWO_NODES, "spec.startupDeadlineSeconds": 300, "status": before})
-    observed, draft = observe(job, pods, now=now)
-    assert fail_on_refused_creates(observed, draft) is (expected_status["phase"] == "Failed")
-    decision = draft.decision()
+    completed, decision = apply_policy(fail_on_refused_creates, job, pods, now=now)
+    assert completed is (expected_status["phase"] == "Failed")
     assert decision.status == expected_status
     assert described(decision) == actions
     assert decision.requeue_after == requeue_after

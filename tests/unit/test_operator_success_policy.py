@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from operator_factories import TWO_NODES, described, make_job, make_pod, observe, running_status, ts
+from operator_factories import TWO_NODES, apply_policy, described, make_job, make_pod, running_status, ts
 
 from finetune_operator.decide import EventToEmit
 from finetune_operator.progress import ProgressSample
@@ -57,9 +57,9 @@ def succeeded_status(**extra: Any) -> dict[str, Any]:
 )
 def test_rank0_succeeded_finishes_the_job(pods: list[dict[str, Any]], sample: ProgressSample | None,
                                           expected_status: dict[str, Any], actions: list[str]) -> None:
-    observed, draft = observe(make_job({**TWO_NODES, "status": running_status()}), pods, now=1000, sample=sample)
-    assert finish_on_success(observed, draft) is True
-    decision = draft.decision()
+    job = make_job({**TWO_NODES, "status": running_status()})
+    completed, decision = apply_policy(finish_on_success, job, pods, now=1000, sample=sample)
+    assert completed is True
     assert decision.status == expected_status
     assert described(decision) == actions
     assert decision.events_to_emit == (EventToEmit("Normal", "Succeeded", WRITTEN),)
@@ -76,7 +76,8 @@ def test_rank0_succeeded_finishes_the_job(pods: list[dict[str, Any]], sample: Pr
     ],
 )
 def test_without_rank0_succeeded_the_job_is_left_to_the_next_policies(pods: list[dict[str, Any]]) -> None:
-    observed, draft = observe(make_job({**TWO_NODES, "status": running_status()}), pods, now=1000)
-    assert finish_on_success(observed, draft) is False
-    assert draft.status.phase == "Running"
-    assert draft.actions == []
+    job = make_job({**TWO_NODES, "status": running_status()})
+    completed, decision = apply_policy(finish_on_success, job, pods, now=1000)
+    assert completed is False
+    assert decision.status["phase"] == "Running"
+    assert decision.actions == ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import TWO_NODES, described, make_job, make_pod, observe, running_status, ts
+from operator_factories import TWO_NODES, apply_policy, described, make_job, make_pod, running_status, ts
 
 from finetune_operator.decide import EventToEmit
 from finetune_operator.suspend_policy import suspend
@@ -69,9 +69,8 @@ def waiting_status() -> dict[str, Any]:
 def test_a_suspended_job_has_no_pods(status: dict[str, Any], pods: list[dict[str, Any]],
                                      expected_status: dict[str, Any], actions: list[str],
                                      events: tuple[EventToEmit, ...]) -> None:
-    observed, draft = observe(make_job({**TWO_NODES, "spec.suspend": True, "status": status}), pods)
-    assert suspend(observed, draft) is True
-    decision = draft.decision()
+    completed, decision = apply_policy(suspend, make_job({**TWO_NODES, "spec.suspend": True, "status": status}), pods)
+    assert completed is True
     assert decision.status == expected_status
     assert described(decision) == actions
     assert decision.events_to_emit == events
@@ -80,7 +79,7 @@ def test_a_suspended_job_has_no_pods(status: dict[str, Any], pods: list[dict[str
 
 @pytest.mark.parametrize("status", [running_status(), suspended_status()], ids=["running", "suspended-resuming"])
 def test_a_job_not_suspended_is_left_to_the_next_policies(status: dict[str, Any]) -> None:
-    observed, draft = observe(make_job({**TWO_NODES, "spec.suspend": False, "status": status}), GANG)
-    assert suspend(observed, draft) is False
-    assert draft.actions == []
-    assert draft.status.phase == status["phase"]
+    completed, decision = apply_policy(suspend, make_job({**TWO_NODES, "spec.suspend": False, "status": status}), GANG)
+    assert completed is False
+    assert decision.actions == ()
+    assert decision.status["phase"] == status["phase"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_factories import DELETE, described, make_job, make_pod, observe, running_status, ts
+from operator_factories import DELETE, apply_policy, described, make_job, make_pod, running_status, ts
 
 from finetune_operator.ttl_after_finished import keep_finished
 
@@ -33,9 +33,9 @@ COUNTERS = {"attempt": 0, "restarts": 0, "countedFailures": 0, "observedGenerati
 def test_a_finished_job_is_deleted_after_its_ttl(status: dict[str, Any], ttl: Any, now: float,
                                                   expected_status: dict[str, Any], actions: list[str],
                                                   requeue_after: float | None) -> None:
-    observed, draft = observe(make_job(status=status, spec__ttlSecondsAfterFinished=ttl), now=now)
-    assert keep_finished(observed, draft) is True
-    decision = draft.decision()
+    job = make_job(status=status, spec__ttlSecondsAfterFinished=ttl)
+    completed, decision = apply_policy(keep_finished, job, now=now)
+    assert completed is True
     assert decision.status == expected_status
     assert described(decision) == actions
     assert decision.requeue_after == requeue_after
@@ -58,15 +58,16 @@ LEFTOVERS = [make_pod(0, 0, "Succeeded", exit_code=0), make_pod(1, 0, "Running")
 def test_leftover_pods_of_every_attempt_are_cleaned_by_policy(policy: str, deleted: list[str]) -> None:
     job = make_job(status={"phase": "Succeeded", "completionTime": ts(100), "attempt": 1},
                    spec__cleanPodPolicy=policy)
-    observed, draft = observe(job, LEFTOVERS)
-    assert keep_finished(observed, draft) is True
-    assert described(draft.decision()) == deleted
+    completed, decision = apply_policy(keep_finished, job, LEFTOVERS)
+    assert completed is True
+    assert described(decision) == deleted
 
 
 @pytest.mark.parametrize("phase", [None, "Pending", "Running", "Restarting", "Suspended"])
 def test_an_unfinished_job_is_left_to_the_next_policies(phase: str | None) -> None:
     status = running_status(phase=phase) if phase else {}
-    observed, draft = observe(make_job(status=status, spec__ttlSecondsAfterFinished=0), LEFTOVERS)
-    assert keep_finished(observed, draft) is False
-    assert (draft.actions, draft.requeue) == ([], [])
-    assert "completionTime" not in draft.status.data
+    job = make_job(status=status, spec__ttlSecondsAfterFinished=0)
+    completed, decision = apply_policy(keep_finished, job, LEFTOVERS)
+    assert completed is False
+    assert (decision.actions, decision.requeue_after) == ((), None)
+    assert "completionTime" not in decision.status
