@@ -1,6 +1,8 @@
-"""Capacity: pods the scheduler cannot place yet wait, with the scheduler's or the autoscaler's words in the
-WaitingForCapacity condition, for capacityTimeoutSeconds counted from when the waiting began; the restart backoff
-does not count this waiting."""
+"""Capacity: pods the scheduler cannot place wait in WaitingForCapacity, for capacityTimeoutSeconds at most.
+
+The condition carries the scheduler's or the autoscaler's words; the timeout counts from when the waiting began,
+and the waiting does not count against backoffLimit.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Deadlines: activeDeadlineSeconds bounds the time a job runs, startupDeadlineSeconds the time a scheduled pod
-takes to start."""
+"""Deadlines: activeDeadlineSeconds bounds a job's running time, startupDeadlineSeconds a scheduled pod's start."""
 
 from __future__ import annotations
 

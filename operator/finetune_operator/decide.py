@@ -1,10 +1,11 @@
 """The reconcile decision: from a FineTuneJob, its pods, their events and the time to actions and the next status.
 
 ``decide`` is a pure function (no client, no clock) written as one flat list of steps, in the order of
-kubernetes-sigs/jobset's reconcile: observe the pods, check the spec, then the policies of ``POLICIES`` in turn
-(finished jobs and their TTL, older attempts' pods, suspension, success, gang failure, the active deadline,
-restart backoff, refused pod creates, the startup deadline, capacity), the first of which that completes the
-decision ends it; otherwise create the gang, record Running and the progress.
+kubernetes-sigs/jobset's reconcile: observe the pods, accept the spec (``invalid_spec_policy``), then run the
+policies of ``POLICIES`` in turn, each in its own module (finished jobs and their TTL, older attempts' pods,
+suspension, success, gang failure, the active deadline, restart backoff, refused pod creates, the startup deadline,
+capacity); the first that completes the decision ends it. Otherwise the missing children of the gang are created
+and Running and the progress recorded.
 The status it returns is the whole next status; the caller writes it in one patch when it differs.
 """
 

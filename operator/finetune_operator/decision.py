@@ -1,5 +1,8 @@
-"""What ``decide`` and its policies share: the job as observed (``ObservedJob``), the decision as the policies
-draft it (``DecisionDraft``) and what ``decide`` returns (``Decision`` and its actions)."""
+"""What ``decide`` and its policies share: the observed job, the decision they draft, what ``decide`` returns.
+
+``ObservedJob`` is what the policies read; ``DecisionDraft`` is what they write (the next status, the actions, the
+moments to look again); ``Decision`` and its actions are what the reconcile carries out.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Gang failure and restart: a failed attempt fails the job (permanent error, backoffLimit exhausted) or restarts
-the whole gang as the next attempt after an exponential backoff; platform disruptions are not counted."""
+"""Gang failure: a failed attempt fails the job or restarts the whole gang as the next attempt after a backoff.
+
+A permanent error or an exhausted backoffLimit fails the job; anything else restarts it, and disruptions by the
+platform (preemption, eviction, node loss) do not count against backoffLimit.
+"""
 
 from __future__ import annotations
 

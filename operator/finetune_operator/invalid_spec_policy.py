@@ -1,5 +1,4 @@
-"""Invalid specs: a spec the parser refuses fails the job with an InvalidSpec condition naming the field, and a
-corrected spec (a new generation) starts the job again."""
+"""Invalid specs fail the job with an InvalidSpec condition naming the field; a corrected spec starts it again."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The next status of a FineTuneJob, built by ``decide`` and its policies on a copy of the current one: phase
-transitions (each remembered for its Event), conditions (lastTransitionTime moves only on a flip), times,
-attempts and restarts, the finish, progress and the final model."""
+"""The next status of a FineTuneJob, changed only through verbs by ``decide`` and its policies.
+
+It is built on a copy of the current status: phase transitions (each remembered for its Event), conditions
+(lastTransitionTime moves only on a flip), times, attempts and restarts, the finish, progress and the final model.
+"""
 
 from __future__ import annotations
 

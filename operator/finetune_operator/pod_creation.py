@@ -1,6 +1,9 @@
-"""Pods the API server refuses to create: which refusals are permanent, how the reconcile records one in the
-job's status (condition PodCreateFailed, its lastTransitionTime the first refusal), and when the job fails of it:
-at once when permanent, else once startupDeadlineSeconds have passed with pods still missing."""
+"""Pods the API server refuses to create: which refusals are permanent, how one is recorded, when the job fails.
+
+The reconcile records a refusal in the job's status (condition PodCreateFailed, its lastTransitionTime the first
+refusal); the job fails of it at once when it is permanent, else once startupDeadlineSeconds have passed with pods
+still missing.
+"""
 
 from __future__ import annotations
 

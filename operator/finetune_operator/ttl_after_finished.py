@@ -1,5 +1,4 @@
-"""Finished jobs stay finished: leftover pods are cleaned by cleanPodPolicy, and the job itself is deleted
-ttlSecondsAfterFinished after its completionTime."""
+"""Finished jobs stay finished: leftover pods cleaned by cleanPodPolicy, the job deleted after its TTL."""
 
 from __future__ import annotations
 

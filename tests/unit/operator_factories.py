@@ -1,5 +1,7 @@
-"""Factories for the operator's unit tests: FineTuneJob bodies, pods and events as the API server returns them, the
-job as one of the decision's policies sees it, and a decision's actions as short sentences."""
+"""Factories for the operator's unit tests: FineTuneJob bodies, pods and events, one decision policy run on its own.
+
+Bodies, pods and events look as the API server returns them; a decision's actions read as short sentences.
+"""
 
 from __future__ import annotations
 

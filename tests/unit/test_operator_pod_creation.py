@@ -1,5 +1,4 @@
-"""Pods the API server refuses to create: which refusals are permanent, how one is recorded, what it means later
-and in the decision."""
+"""Pods the API server refuses to create: which are permanent, how one is recorded, what it means in the decision."""
 
 from __future__ import annotations
 
