@@ -52,6 +52,8 @@ Action = CreateChild | DeletePod | DeleteJob
 
 @dataclass(frozen=True)
 class Decision:
+    """What to do for one job: the actions, the whole next status, the Events to emit, when to look again."""
+
     actions: tuple[Action, ...]
     status: dict[str, Any]
     events_to_emit: tuple[EventToEmit, ...] = ()
@@ -85,8 +87,8 @@ def observe_job(
     events: Sequence[Mapping[str, Any]] = (),
     sample: ProgressSample | None = None,
 ) -> ObservedJob:
-    """The job on its current attempt, which the status records: the status's, or a newer one whose pods exist
-    (a status write that was lost). ``current`` are that attempt's pods by rank, ``stale`` the others',
+    """The job on its current attempt: the status's, or a newer one whose pods exist (a status write that was
+    lost), which the status then records. ``current`` are that attempt's pods by rank, ``stale`` the others',
     ``missing`` the node ranks of the attempt without a pod."""
     attempt = max([status.get_int("attempt"), *(pod.attempt for pod in pods)])
     status.set_attempt(attempt)
