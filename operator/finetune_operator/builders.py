@@ -237,6 +237,16 @@ def pod_hostname(job_name: str, rank: int) -> str:
     return f"{job_name}-n{rank}"
 
 
+def model_uri(output_uri: str) -> str:
+    """Where the trainer exports the final model."""
+    return f"{output_uri.rstrip('/')}/{c.MODEL_DIR}"
+
+
+def checkpoint_uri(output_uri: str, step: int) -> str:
+    """Where the trainer uploads the checkpoint of a step."""
+    return f"{output_uri.rstrip('/')}/{c.CHECKPOINT_DIR_FORMAT.format(step=step)}"
+
+
 def master_address(job_name: str) -> str:
     """Node rank 0's DNS name through the headless Service (resolved in the pod's own namespace)."""
     return f"{pod_hostname(job_name, 0)}.{service_name(job_name)}"

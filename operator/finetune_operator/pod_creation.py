@@ -1,6 +1,9 @@
-"""Pods the API server refuses to create: which refusals are permanent, how the reconcile records one in the
-job's status (condition PodCreateFailed, its lastTransitionTime the first refusal), and when the job fails of it:
-at once when permanent, else once startupDeadlineSeconds have passed with pods still missing."""
+"""Pods the API server refuses to create: which refusals are permanent, how one is recorded, when the job fails.
+
+The reconcile records a refusal in the job's status (condition PodCreateFailed, its lastTransitionTime the first
+refusal); the job fails of it at once when it is permanent, else once startupDeadlineSeconds have passed with pods
+still missing.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator import constants as c
+from finetune_operator.decision import DecisionDraft, ObservedJob
 from finetune_operator.job_status import JobStatus
 from finetune_operator.spec import parse_time
 
@@ -56,3 +60,17 @@ def create_refusal_verdict(status: JobStatus, startup_deadline_seconds: int, *, 
         return RefusalVerdict(failure=(reason, f"The API server refused the pods for {startup_deadline_seconds}s "
                                                f"(startupDeadlineSeconds): {refused.get('message', '')}"))
     return RefusalVerdict(retry_until=deadline)
+
+
+def fail_on_refused_creates(observed: ObservedJob, draft: DecisionDraft) -> bool:
+    """Fail the job the API server refused pods for (at once when the refusal is permanent, else once
+    startupDeadlineSeconds have passed with pods still missing); until then, look again at that deadline."""
+    refusal = create_refusal_verdict(draft.status, observed.spec.startup_deadline_seconds,
+                                     all_created=not observed.missing)
+    if refusal.failure is not None:
+        reason, message = refusal.failure
+        draft.finish(succeeded=False, reason=reason, message=message)
+        return True
+    if refusal.retry_until is not None:
+        draft.requeue_at(refusal.retry_until)
+    return False

@@ -29,16 +29,11 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch_between
 from finetune_operator.builders import build_event
-from finetune_operator.decide import (
-    CreateChild,
-    Decision,
-    DeleteJob,
-    DeletePod,
-    decide,
-    observe_pod,
-)
+from finetune_operator.decide import decide
+from finetune_operator.decision import CreateChild, Decision, DeleteJob, DeletePod
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
+from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
@@ -320,7 +315,7 @@ class Reconciler:
         uid = (body.get("metadata") or {}).get("uid")
         pods = [p for p in await self.api.list_job_pods(namespace, name) if _owned_by(p, uid)]
         slot.pods = {str(p["metadata"]["name"]): pod_fingerprint(p) for p in pods}
-        views = [v for v in (observe_pod(p) for p in pods) if v is not None]
+        views = observe_pods(pods)
         unscheduled = [v.name for v in views if v.phase == "Pending" and not v.scheduled and not v.deleting]
         events = await self.api.list_pod_events(namespace, unscheduled) if unscheduled else []
         old_status: dict[str, Any] = dict(body.get("status") or {})

@@ -1,14 +1,32 @@
-"""Factories for the operator's unit tests: FineTuneJob bodies, pods and events as the API server returns them."""
+"""Factories for the operator's unit tests: FineTuneJob bodies, pods and events, one decision policy run on its own.
+
+Bodies, pods and events look as the API server returns them; a decision's actions read as short sentences.
+"""
 
 from __future__ import annotations
 
 import copy
 import datetime
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_operator.decision import (
+    CreateChild,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    Policy,
+    observe_job,
+    start_draft,
+)
+from finetune_operator.pod_view import observe_pods
+from finetune_operator.progress import ProgressSample
+from finetune_operator.spec import parse_job
+
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 DELETE = object()
+TWO_NODES = {"spec.distributed.nodes": 2}
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"uri": "s3://models/base"},
@@ -146,3 +164,50 @@ def make_event(pod: str, reason: str, message: str, seconds: float = 0) -> dict[
         "type": "Warning",
         "lastTimestamp": ts(seconds),
     }
+
+
+def running_status(attempt: int = 0, **extra: Any) -> dict[str, Any]:
+    """The status of a two-node job whose gang of ``attempt`` has run since second 10."""
+    status = {
+        "phase": "Running",
+        "attempt": attempt,
+        "restarts": attempt,
+        "countedFailures": 0,
+        "startTime": ts(10),
+        "message": f"Attempt {attempt}: all 2 pod(s) running",
+        "observedGeneration": 1,
+        "conditions": [{"type": "Running", "status": "True", "reason": "AllPodsRunning",
+                        "message": f"attempt {attempt}: all pods running", "lastTransitionTime": ts(10),
+                        "observedGeneration": 1}],
+    }
+    status.update(extra)
+    return status
+
+
+def apply_policy(policy: Policy, job: dict[str, Any], pods: Sequence[dict[str, Any]] = (),
+                 events: Sequence[Mapping[str, Any]] = (), now: float = 100,
+                 sample: ProgressSample | None = None) -> tuple[bool, Decision]:
+    """One of ``decide``'s policies on its own, on the job as ``decide`` observes it once the spec is accepted:
+    whether the policy completed the decision, and the decision as the policy left it."""
+    views = observe_pods(pods)
+    draft = start_draft(job, views, at(now))
+    observed = observe_job(parse_job(job), draft.status, views, events, sample)
+    return policy(observed, draft), draft.decision()
+
+
+def described(decision: Decision) -> list[str]:
+    """The actions as short sentences, in order."""
+    out = []
+    for action in decision.actions:
+        if isinstance(action, CreateChild):
+            verb = "apply" if action.update_existing else "create"
+            out.append(f"{verb} {action.kind} {action.name}")
+        elif isinstance(action, DeletePod):
+            out.append(f"delete Pod {action.name}")
+        elif isinstance(action, DeleteJob):
+            out.append("delete FineTuneJob")
+    return out
+
+
+def condition(decision: Decision, kind: str) -> dict[str, Any] | None:
+    return next((c for c in decision.status.get("conditions", []) if c["type"] == kind), None)

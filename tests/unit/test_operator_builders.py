@@ -15,6 +15,8 @@ from finetune_operator.builders import (
     build_service,
     build_worker_env,
     build_worker_pod,
+    checkpoint_uri,
+    model_uri,
     omp_threads,
 )
 from finetune_operator.spec import FineTuneJob, parse_job
@@ -220,3 +222,9 @@ def test_event_about_the_job() -> None:
     assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "PodFailed", 1024)
     assert event["metadata"]["name"].startswith("job.")
     assert event == build_event(job.meta, "Warning", "PodFailed", "x" * 2000, at(5))
+
+
+@pytest.mark.parametrize("output", ["s3://out/job", "s3://out/job/"])
+def test_model_and_checkpoint_uris_join_the_output_prefix_with_one_slash(output: str) -> None:
+    assert model_uri(output) == "s3://out/job/model/"
+    assert checkpoint_uri(output, 120) == "s3://out/job/checkpoints/step-00000120/"

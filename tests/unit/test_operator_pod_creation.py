@@ -1,16 +1,17 @@
-"""Pods the API server refuses to create: which refusals are permanent, how one is recorded, what it means later."""
+"""Pods the API server refuses to create: which are permanent, how one is recorded, what it means in the decision."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from operator_factories import at, ts
+from operator_factories import TWO_NODES, apply_policy, at, described, make_job, make_pod, ts
 
 from finetune_operator.job_status import JobStatus
 from finetune_operator.pod_creation import (
     RefusalVerdict,
     create_refusal_verdict,
+    fail_on_refused_creates,
     record_create_refusal,
     refusal_is_permanent,
 )
@@ -81,3 +82,49 @@ def test_the_refusal_is_cleared_once_every_pod_exists() -> None:
 
 def test_no_refusal_recorded_means_nothing() -> None:
     assert verdict({"phase": "Pending"}, 100)[0] == RefusalVerdict()
+
+
+def refused(http_status: int, message: str, since: float) -> dict[str, Any]:
+    """The status of a pending job whose pod create the API server refused at second ``since``."""
+    status = record_create_refusal({"phase": "Pending", "attempt": 0}, http_status, message, at(since), 1)
+    return {**status, "restarts": 0, "countedFailures": 0}
+
+
+def refusal_failed(before: dict[str, Any], reason: str, message: str, now: float) -> dict[str, Any]:
+    failed = {"type": "Failed", "status": "True", "reason": reason, "message": message,
+              "lastTransitionTime": ts(now), "observedGeneration": 1}
+    return {**before, "phase": "Failed", "message": message, "completionTime": ts(now),
+            "conditions": [*before["conditions"], failed]}
+
+
+CREATED = {"type": "PodCreateFailed", "status": "False", "reason": "PodsCreated", "message": "every pod was created",
+           "lastTransitionTime": ts(100), "observedGeneration": 1}
+
+
+@pytest.mark.parametrize(
+    ("before", "pods", "now", "expected_status", "actions", "requeue_after"),
+    [
+        pytest.param(refused(403, PSA, 99), [make_pod(1, node="n1")], 100,
+                     refusal_failed(refused(403, PSA, 99), "PodRejected",
+                                    f"The API server refused the pods: {PSA}", 100),
+                     ["delete Pod job-a0-n1"], None, id="permanent-fails-at-once-and-cleans"),
+        pytest.param(refused(403, NO_PRIORITY_CLASS, 50), [], 100, refused(403, NO_PRIORITY_CLASS, 50), [], 250,
+                     id="passing-looks-again-at-the-deadline"),
+        pytest.param(refused(403, NO_PRIORITY_CLASS, 50), [], 350,
+                     refusal_failed(refused(403, NO_PRIORITY_CLASS, 50), "FailedCreate", "The API server refused the "
+                                    f"pods for 300s (startupDeadlineSeconds): {NO_PRIORITY_CLASS}", 350),
+                     [], None, id="passing-fails-at-the-deadline"),
+        pytest.param(refused(403, NO_PRIORITY_CLASS, 50), [make_pod(0), make_pod(1)], 100,
+                     {**refused(403, NO_PRIORITY_CLASS, 50), "conditions": [CREATED]}, [], None,
+                     id="every-pod-exists-now"),
+    ],
+)
+def test_a_refused_create_in_the_decision(before: dict[str, Any], pods: list[dict[str, Any]], now: float,
+                                          expected_status: dict[str, Any], actions: list[str],
+                                          requeue_after: float | None) -> None:
+    job = make_job({**TWO_NODES, "spec.startupDeadlineSeconds": 300, "status": before})
+    completed, decision = apply_policy(fail_on_refused_creates, job, pods, now=now)
+    assert completed is (expected_status["phase"] == "Failed")
+    assert decision.status == expected_status
+    assert described(decision) == actions
+    assert decision.requeue_after == requeue_after
