@@ -529,10 +529,12 @@ def test_children_block_owner_deletion_under_owner_references_permission_enforce
 @pytest.mark.parametrize(
     ("spec", "reason", "words"),
     [
-        # A toleration the pod API rejects (tolerationSeconds needs effect NoExecute): 422, never creatable.
-        pytest.param({"tolerations": [{"key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule",
-                                       "tolerationSeconds": 30}]},
-                     "PodRejected", "spec.tolerations[0].effect", id="invalid-pod"),
+        # Node affinity the pod API rejects (operator In needs values; the CRD leaves affinity to the pod API):
+        # 422, never creatable.
+        pytest.param({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                          "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In",
+                                                                       "values": []}]}]}}}},
+                     "PodRejected", "matchExpressions[0].values", id="invalid-pod"),
         # A PriorityClass nobody created: Priority admission refuses (403) until it exists; bounded by the
         # startup deadline.
         pytest.param({"priorityClassName": "nonexistent", "startupDeadlineSeconds": 3}, "FailedCreate",
