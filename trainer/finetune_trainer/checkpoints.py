@@ -46,7 +46,6 @@ A SIGTERM arriving after the last step lets the export finish.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -72,7 +71,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.metrics import TokenCounter, TrainerMetrics
-from finetune_trainer.storage import ObjectStore, StorageError
+from finetune_trainer.storage import ObjectStore, StorageError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,6 @@ GRACE_MARGIN_S = 5.0
 # A background upload keeps retrying (storage restarts, throttling) this long before the checkpoint is abandoned.
 BACKGROUND_UPLOAD_BUDGET_S = 600.0
 RETRY_PAUSE_S = (1.0, 2.0, 4.0, 8.0)
-HASH_CHUNK = 8 * 1024 * 1024
 UPLOAD_NICENESS = 10
 # How often (in wall time) the ranks exchange their control flags; and the most steps between two exchanges.
 CONTROL_INTERVAL_S = 0.5
@@ -180,14 +178,6 @@ class Manifest:
     def missing_or_wrong(self, stored_sizes: dict[str, int]) -> list[str]:
         """Files of this manifest absent from ``stored_sizes`` or stored with another size."""
         return [f.path for f in self.files if stored_sizes.get(f.path) != f.size]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_local_files(folder: Path) -> list[str]:
