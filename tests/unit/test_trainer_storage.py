@@ -166,6 +166,40 @@ def test_the_default_policy_keeps_retrying_for_at_least_a_minute() -> None:
     assert slept[:3] == sorted(slept[:3])
 
 
+def test_a_policy_until_a_deadline_retries_past_the_attempt_limit_and_stops_at_the_deadline() -> None:
+    slept: list[float] = []
+    clock = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    flaky = Flaky(*[EndpointConnectionError(endpoint_url="http://x")] * 1000)
+
+    with pytest.raises(StorageError, match="still failing"):
+        call_with_retries(
+            flaky,
+            uri="s3://b/k",
+            what="put",
+            policy=RetryPolicy().until(1000.0 + 300.0),
+            sleep=sleep,
+            clock=lambda: clock[0],
+            rng=random.Random(1),
+        )
+
+    assert flaky.calls > RetryPolicy().max_attempts
+    assert 300 - RetryPolicy().max_delay_s <= sum(slept) <= 300
+
+
+def test_a_store_retrying_until_a_deadline_keeps_the_original_policy(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+
+    bounded = store.retrying_until(123.0)
+
+    assert (bounded.retry.give_up_at, store.retry) == (123.0, RetryPolicy())
+    assert bounded.root == store.root
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [

@@ -56,10 +56,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -82,7 +80,6 @@ MANIFEST_FORMAT = 1
 GRACE_MARGIN_S = 5.0
 # A background upload keeps retrying (storage restarts, throttling) this long before the checkpoint is abandoned.
 BACKGROUND_UPLOAD_BUDGET_S = 600.0
-RETRY_PAUSE_S = (1.0, 2.0, 4.0, 8.0)
 UPLOAD_NICENESS = 10
 # How often (in wall time) the ranks exchange their control flags; and the most steps between two exchanges.
 CONTROL_INTERVAL_S = 0.5
@@ -322,24 +319,10 @@ class Preemption:
             raise Preempted("SIGTERM before training started")
 
 
-# --- storage I/O with retries -------------------------------------------------------------------------------------
-
-
-def with_retries(action: Callable[[], Any], what: str, deadline: float) -> Any:
-    """Run ``action`` until it succeeds or ``deadline`` (monotonic) passes; storage restarts are survivable."""
-    attempt = 0
-    while True:
-        try:
-            return action()
-        except StorageError as exc:
-            if exc.permanent:
-                raise
-            pause = RETRY_PAUSE_S[min(attempt, len(RETRY_PAUSE_S) - 1)]
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("%s failed (%s); retrying in %.0f s", what, exc, pause)
-            time.sleep(pause)
-            attempt += 1
+# --- storage I/O ---------------------------------------------------------------------------------------------
+# Retries live in the storage layer only (storage.errors.call_with_retries): each store call here goes through a
+# store bounded by the checkpoint's deadline (``ObjectStore.retrying_until``), so a storage restart is ridden out
+# request by request, and nothing here retries a call again.
 
 
 @dataclass
@@ -378,12 +361,12 @@ class NodeUpload:
             # Threads are tasks on Linux: only this one (and the part uploaders it starts) yield the CPU to training.
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
         try:
+            store = self.store.retrying_until(self.deadline)
             for relative, local in self.files:
                 size = local.stat().st_size
                 digest = sha256_file(local)
                 key = self.destination + relative
-                upload = partial(self.store.upload_file, local, key, background=self.background)
-                with_retries(upload, f"upload of {key}", self.deadline)
+                store.upload_file(local, key, background=self.background)
                 self.entries.append(FileEntry(relative, size, digest))
         except Exception as exc:  # reported to every rank at the next step boundary; training goes on
             self.error = f"{type(exc).__name__}: {exc}"
@@ -651,11 +634,7 @@ class CheckpointCallback(TrainerCallback):
         destination = checkpoint_key(manifest.step)
         deadline = self.preempt_deadline or time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S
         try:
-            with_retries(
-                lambda: self.store.put_bytes(destination + MANIFEST_NAME, manifest.to_json()),
-                f"manifest of step {manifest.step}",
-                deadline,
-            )
+            self.store.retrying_until(deadline).put_bytes(destination + MANIFEST_NAME, manifest.to_json())
         except Exception as exc:  # the checkpoint stays incomplete; training goes on
             log.error("checkpoint at step %d: manifest not written: %s", manifest.step, exc)
             self.commit_failed_step = manifest.step
@@ -784,16 +763,12 @@ def download_checkpoint(store: ObjectStore, manifest: Manifest, target: Path) ->
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     source = checkpoint_key(manifest.step)
-    deadline = time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S
+    store = store.retrying_until(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S)
     for entry in manifest.files:
         local = staging / entry.path
         local.parent.mkdir(parents=True, exist_ok=True)
         # The store verifies size and sha256 (downloading once more on a mismatch) before the file appears.
-        with_retries(
-            partial(store.download_file, source + entry.path, local, expected_size=entry.size, sha256=entry.sha256),
-            f"download of {source}{entry.path}",
-            deadline,
-        )
+        store.download_file(source + entry.path, local, expected_size=entry.size, sha256=entry.sha256)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 

@@ -2,19 +2,22 @@
 
 botocore's own retries are off; every request goes through ``call_with_retries``: throttling, 5xx, refused or reset
 connections and timeouts are retried with exponential backoff and jitter for up to ``RetryPolicy``'s deadline (90 s
-by default, so an S3 endpoint that restarts in ~10-60 s is survived). NoSuchBucket, NoSuchKey, AccessDenied,
-InvalidAccessKeyId, SignatureDoesNotMatch (and missing credentials) raise ``StorageError(permanent=True)`` at once;
-the message starts with the URI. Other client errors raise a non-permanent ``StorageError`` at once. Local errors (a
-full disk) are not wrapped.
+by default, so an S3 endpoint that restarts in ~10-60 s is survived; ``RetryPolicy.until`` bounds a caller's whole
+series of requests by one deadline instead). NoSuchBucket, NoSuchKey, AccessDenied, InvalidAccessKeyId,
+SignatureDoesNotMatch (and missing credentials) raise ``StorageError(permanent=True)`` at once; the message starts
+with the URI. Other client errors raise a non-permanent ``StorageError`` at once. Local errors (a full disk) are not
+wrapped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -76,10 +79,17 @@ class RetryPolicy:
     base_delay_s: float = 0.25
     max_delay_s: float = 8.0
     deadline_s: float = 90.0
+    # A monotonic time after which no retry is started, however few attempts a request has made: one budget for
+    # every request of a series (a checkpoint's files, the grace period after SIGTERM).
+    give_up_at: float | None = None
 
     def delay(self, retry: int, rng: random.Random) -> float:
         ceiling = min(self.max_delay_s, self.base_delay_s * 2.0**retry)
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+    def until(self, deadline: float) -> RetryPolicy:
+        """This backoff, bounded by the monotonic ``deadline`` alone (not by attempts or time per request)."""
+        return replace(self, max_attempts=sys.maxsize, deadline_s=math.inf, give_up_at=deadline)
 
 
 def client_error_code(exc: BaseException) -> tuple[str, int] | None:
@@ -161,8 +171,13 @@ def call_with_retries(
                     raise StorageError(f"{uri}: {what} failed: {describe_error(exc)}", uri=uri) from exc
                 raise
             delay = policy.delay(retry, rng)
-            elapsed = clock() - started
-            if retry + 1 >= policy.max_attempts or elapsed + delay > policy.deadline_s:
+            now = clock()
+            elapsed = now - started
+            if (
+                retry + 1 >= policy.max_attempts
+                or elapsed + delay > policy.deadline_s
+                or (policy.give_up_at is not None and now + delay > policy.give_up_at)
+            ):
                 raise StorageError(
                     f"{uri}: {what} still failing after {retry + 1} attempts over {elapsed:.0f} s: "
                     f"{describe_error(exc)}",

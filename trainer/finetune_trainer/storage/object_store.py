@@ -7,13 +7,14 @@ Keys are ``/``-separated and relative to the store's root (a store at ``s3://b/r
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from finetune_trainer.storage.errors import RetryPolicy
 
@@ -89,6 +90,13 @@ class ObjectStore(ABC):
 
     def uri_for(self, key: str) -> str:
         return f"{self.uri}/{key}" if key else self.uri
+
+    def retrying_until(self, deadline: float) -> Self:
+        """This store retrying transient failures until the monotonic ``deadline``, over every request made through
+        it, instead of per request; it shares the original's connections (close only the original)."""
+        bounded = copy.copy(self)
+        bounded.retry = self.retry.until(deadline)
+        return bounded
 
     def _count(self, direction: str, n: int) -> None:
         if self.on_bytes is not None and n:
