@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainerState
 
-from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S, DistContext
+from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.distributed import DistContext
 from finetune_trainer.metrics import TokenCounter
 from finetune_trainer.storage import ObjectStore
 

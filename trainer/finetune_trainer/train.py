@@ -27,9 +27,10 @@ Features:
   ``training.evalEvery`` steps and at the end; early stopping on eval loss with ``patience`` and ``minDelta``
   (its state is rebuilt from the log history after a resume); the best eval loss and its step are tracked, and
   retention never deletes the best checkpoint.
-- **Checkpoints** (``checkpoints``): every N steps and/or minutes, uploaded in the background with a manifest
-  written last; automatic resume from the newest complete checkpoint (model, optimizer, scheduler, RNG, data
-  position); SIGTERM saves at the next step boundary within the grace period and exits PREEMPTED.
+- **Checkpoints** (``checkpoints``, ``checkpoint_protocol``, ``resume``): every N steps and/or minutes, uploaded in
+  the background with a manifest written last; automatic resume from the newest complete checkpoint (model,
+  optimizer, scheduler, RNG, data position); SIGTERM saves at the next step boundary within the grace period and
+  exits PREEMPTED.
 - **Metrics** (``metrics``): Prometheus endpoint on every rank, Pushgateway pushes from rank 0.
 - **Export** (``export``): full model, LoRA adapter or merged model to ``<output.uri>/model/``, then
   ``result.json`` with the losses before and after, the best eval loss, steps, tokens and wall time.
@@ -65,15 +66,11 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from finetune_trainer import exit_codes
-from finetune_trainer.checkpoints import (
-    CheckpointCallback,
-    DistContext,
-    Preempted,
-    Preemption,
-    restore_checkpoint,
-)
+from finetune_trainer.checkpoint_protocol import CheckpointCallback, CheckpointProtocol
 from finetune_trainer.config import ConfigError, TrainerConfig
+from finetune_trainer.distributed import DistContext, Preempted, Preemption
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
+from finetune_trainer.resume import restore_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +131,7 @@ def build_deepspeed_config(
         # Checkpoints go to each node's own disk: every node's local rank 0 creates the folders.
         "checkpoint": {"use_node_local_storage": True},
     }
-    if load_universal:  # resuming from a checkpoint converted for this world size (checkpoints.convert_to_universal)
+    if load_universal:  # resuming from a checkpoint converted for this world size (resume.convert_to_universal)
         result["checkpoint"]["load_universal"] = True
     if ds.offloadOptimizer:
         # DeepSpeed refuses a torch optimizer on offloaded states; its CPU Adam is the fast path there.
@@ -215,7 +212,7 @@ def build_training_arguments(
         # The step-0 evaluation of a resumed run is in the restored log history already.
         eval_on_start=has_eval and not resuming,
         prediction_loss_only=True,
-        # CheckpointCallback decides when to save (steps and/or minutes, SIGTERM); HF only writes the files.
+        # The checkpoint protocol decides when to save (steps and/or minutes, SIGTERM); HF only writes the files.
         save_strategy="no",
         save_total_limit=None,
         report_to=[],
@@ -439,7 +436,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         counter = TokenCounter(count_real_tokens)
         if restored is not None and ctx.rank == 0:
             counter.restored_tokens = restored.manifest.tokensSeen
-        checkpoint_callback = CheckpointCallback(
+        checkpoints = CheckpointProtocol(
             config,
             storage,
             ctx,
@@ -449,7 +446,11 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
             complete=complete,
             resumed_dir=restored.path if restored is not None else None,
         )
-        callbacks: list[TrainerCallback] = [MetricsCallback(metrics, counter), checkpoint_callback, *extra_callbacks]
+        callbacks: list[TrainerCallback] = [
+            MetricsCallback(metrics, counter),
+            CheckpointCallback(checkpoints),
+            *extra_callbacks,
+        ]
         early_stopping = None
         if config.training.earlyStopping is not None:
             es = config.training.earlyStopping
@@ -469,8 +470,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         output = trainer.train(resume_from_checkpoint=str(restored.path) if restored is not None else None)
         train_seconds = time.time() - train_started
         preemption.armed = False
-        if checkpoint_callback.preempted:
-            cb = checkpoint_callback
+        if checkpoints.preempted:
+            cb = checkpoints
             if cb.emergency_checkpoint_complete:
                 reason = f"preempted: emergency checkpoint at step {cb.emergency_step}"
             else:
