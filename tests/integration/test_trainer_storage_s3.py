@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from finetune_trainer import storage
 from finetune_trainer.config import StorageConfig
-from finetune_trainer.storage import StorageError, TransferSettings, open_store, pull_model
+from finetune_trainer.storage import StorageError, TransferSettings, open_store, pull_model, uris
 from localcluster.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.integration
@@ -39,7 +38,7 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> StorageConf
 def get_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The Range of every GetObject the trainer's stores send (observed through botocore's event hooks)."""
     seen: list[str] = []
-    original = storage.make_s3_client
+    original = uris.make_s3_client
 
     def observed(*args: Any, **kwargs: Any) -> Any:
         client = original(*args, **kwargs)
@@ -50,7 +49,7 @@ def get_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         client.meta.events.register("provide-client-params.s3.GetObject", record)
         return client
 
-    monkeypatch.setattr(storage, "make_s3_client", observed)
+    monkeypatch.setattr(uris, "make_s3_client", observed)
     return seen
 
 

@@ -1,15 +1,13 @@
-"""Storage without a server: file:// stores and the node cache, error classification, retries, digests."""
+"""Storage without a server: file:// stores and the node cache, error classification, retries, S3 uploads."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import random
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,19 +24,15 @@ from botocore.exceptions import (
 )
 
 from finetune_trainer.storage import (
-    Expectation,
     FileStore,
     MiB,
     RetryPolicy,
     S3Store,
     StorageError,
     TransferSettings,
-    _Digester,
-    _RangeVerifier,
     background_upload_streams,
     cache_folder_name,
     call_with_retries,
-    crc32_combine,
     is_permanent,
     is_transient,
     open_store,
@@ -146,9 +140,10 @@ def test_retries_stop_at_the_attempt_limit() -> None:
     assert not error.value.permanent and flaky.calls == 4
 
 
-def test_the_default_policy_keeps_retrying_for_at_least_a_minute() -> None:
+def retry_an_outage(policy: RetryPolicy, start: float = 0.0) -> tuple[Flaky, list[float]]:
+    """``call_with_retries`` against an endpoint that never answers, on a fake clock: the calls and the pauses."""
     slept: list[float] = []
-    clock = [0.0]
+    clock = [start]
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
@@ -161,15 +156,36 @@ def test_the_default_policy_keeps_retrying_for_at_least_a_minute() -> None:
             flaky,
             uri="s3://b/k",
             what="get",
-            policy=RetryPolicy(),
+            policy=policy,
             sleep=sleep,
             clock=lambda: clock[0],
             rng=random.Random(1),
         )
+    return flaky, slept
+
+
+def test_the_default_policy_keeps_retrying_for_at_least_a_minute() -> None:
+    _, slept = retry_an_outage(RetryPolicy())
 
     assert 60 <= sum(slept) <= RetryPolicy().deadline_s
     assert max(slept) <= RetryPolicy().max_delay_s
     assert slept[:3] == sorted(slept[:3])
+
+
+def test_a_policy_until_a_deadline_retries_past_the_attempt_limit_and_stops_at_the_deadline() -> None:
+    flaky, slept = retry_an_outage(RetryPolicy().until(1000.0 + 300.0), start=1000.0)
+
+    assert flaky.calls > RetryPolicy().max_attempts
+    assert 300 - RetryPolicy().max_delay_s <= sum(slept) <= 300
+
+
+def test_a_store_retrying_until_a_deadline_keeps_the_original_policy(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+
+    bounded = store.retrying_until(123.0)
+
+    assert (bounded.retry.give_up_at, store.retry) == (123.0, RetryPolicy())
+    assert bounded.root == store.root
 
 
 @pytest.mark.parametrize(
@@ -193,139 +209,6 @@ def test_a_bad_uri_is_a_permanent_error() -> None:
 def test_cache_folder_names_are_readable_and_distinct() -> None:
     assert cache_folder_name("s3://b/models/tiny").startswith("tiny-")
     assert cache_folder_name("s3://b/models/tiny") != cache_folder_name("s3://c/models/tiny")
-
-
-def s3_multipart_etag(data: bytes, part_size: int) -> str:
-    parts = [data[i : i + part_size] for i in range(0, len(data), part_size)]
-    return hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + f"-{len(parts)}"
-
-
-@pytest.mark.parametrize("feed", [1, 1000, 4096, 10_000_000], ids=lambda n: f"fed-{n}")
-def test_digests_match_s3_etags_and_checksums(feed: int) -> None:
-    data = random.Random(0).randbytes(10_000)
-    crc_parts = b"".join(zlib.crc32(data[i : i + 4096]).to_bytes(4, "big") for i in range(0, len(data), 4096))
-    cases = [
-        Expectation("ETag (MD5)", "md5", hashlib.md5(data).hexdigest(), "hex"),
-        Expectation("ETag (MD5)", "md5", s3_multipart_etag(data, 4096), "hex", part_size=4096, parts=3),
-        Expectation(
-            "CRC32 checksum", "crc32", base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode(), "base64"
-        ),
-        Expectation(
-            "CRC32 checksum",
-            "crc32",
-            base64.b64encode(zlib.crc32(crc_parts).to_bytes(4, "big")).decode() + "-3",
-            "base64",
-            part_size=4096,
-            parts=3,
-        ),
-        Expectation("sha256", "sha256", hashlib.sha256(data).hexdigest(), "hex"),
-    ]
-    for expectation in cases:
-        digester = _Digester(expectation)
-        for start in range(0, len(data), feed):
-            digester.update(data[start : start + feed])
-        assert digester.result() == expectation.expected, expectation
-
-
-@pytest.mark.parametrize(
-    ("length_a", "length_b"),
-    [(0, 0), (0, 7), (7, 0), (1, 1), (3, 4096), (4096, 3), (10_000, 65_537), (1 << 20, 5)],
-)
-def test_crc32_combine_equals_the_crc32_of_the_concatenation(length_a: int, length_b: int) -> None:
-    generator = random.Random(length_a * 31 + length_b)
-    a, b = generator.randbytes(length_a), generator.randbytes(length_b)
-
-    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
-
-
-def _expectations(data: bytes, part_size: int) -> dict[str, Expectation]:
-    parts = [data[i : i + part_size] for i in range(0, len(data), part_size)]
-    crc_parts = b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts)
-    b64 = lambda digest: base64.b64encode(digest).decode()  # noqa: E731
-    return {
-        "whole-crc32": Expectation("CRC32 checksum", "crc32", b64(zlib.crc32(data).to_bytes(4, "big")), "base64"),
-        "composite-crc32": Expectation(
-            "CRC32 checksum",
-            "crc32",
-            b64(zlib.crc32(crc_parts).to_bytes(4, "big")) + f"-{len(parts)}",
-            "base64",
-            part_size=part_size,
-            parts=len(parts),
-        ),
-        "composite-md5": Expectation(
-            "ETag (MD5)", "md5", s3_multipart_etag(data, part_size), "hex", part_size=part_size, parts=len(parts)
-        ),
-        "composite-sha256": Expectation(
-            "SHA256 checksum",
-            "sha256",
-            b64(hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).digest()) + f"-{len(parts)}",
-            "base64",
-            part_size=part_size,
-            parts=len(parts),
-        ),
-        "whole-md5": Expectation("ETag (MD5)", "md5", hashlib.md5(data).hexdigest(), "hex"),
-        "whole-sha256": Expectation("sha256", "sha256", hashlib.sha256(data).hexdigest(), "hex"),
-    }
-
-
-@pytest.mark.parametrize(
-    ("name", "range_size", "possible"),
-    [
-        ("whole-crc32", 3000, True),  # CRC32s combine at any boundary
-        ("composite-crc32", 8192, True),
-        ("composite-crc32", 4096, True),
-        ("composite-md5", 12288, True),
-        ("composite-md5", 6000, False),  # a range would start inside a part
-        ("composite-sha256", 2048, False),
-        ("whole-md5", 4096, False),  # MD5 and SHA of the whole object cannot be split
-        ("whole-sha256", 4096, False),
-    ],
-)
-def test_ranges_are_hashed_where_they_arrive_when_the_pieces_combine(
-    name: str, range_size: int, possible: bool
-) -> None:
-    data = random.Random(1).randbytes(10_000)  # parts of 4096: 4096, 4096, 1808
-    expectation = _expectations(data, 4096)[name]
-    assert _RangeVerifier.possible(expectation, range_size) is possible
-    if not possible:
-        return
-    ranges = [(start, min(start + range_size, len(data))) for start in range(0, len(data), range_size)]
-    verifier = _RangeVerifier(expectation, ranges)
-    order = list(range(len(ranges)))
-    random.Random(2).shuffle(order)  # ranges finish in any order; each is fed in order, in uneven pieces
-    for index in order:
-        start, end = ranges[index]
-        position = start
-        while position < end:
-            step = min(end - position, random.Random(position).randint(1, 1500))
-            verifier.digesters[index].update(memoryview(data)[position : position + step])
-            position += step
-
-    assert verifier.result() == expectation.expected
-    verifier.digesters[-1].update(b"x")  # one byte more anywhere and the result no longer matches
-    assert verifier.result() != expectation.expected
-
-
-def test_ranges_resumed_from_disk_are_hashed_from_the_file(tmp_path: Path) -> None:
-    data = random.Random(3).randbytes(10_000)
-    expectation = _expectations(data, 4096)["composite-md5"]
-    ranges = [(0, 8192), (8192, 10_000)]
-    path = tmp_path / "partial"
-    path.write_bytes(data[:8192] + b"\0" * 1808)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        verifier = _RangeVerifier(expectation, ranges)
-        verifier.hash_from_disk(fd, 0)
-        verifier.digesters[1].update(data[8192:])
-        assert verifier.result() == expectation.expected
-
-        corrupted = _RangeVerifier(expectation, ranges)
-        os.pwrite(os.open(path, os.O_WRONLY), b"!", 100)
-        corrupted.hash_from_disk(fd, 0)
-        corrupted.digesters[1].update(data[8192:])
-        assert corrupted.result() != expectation.expected
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ import math
 import shutil
 import time
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainerState
 
-from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S, DistContext, with_retries
+from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.distributed import DistContext
 from finetune_trainer.metrics import TokenCounter
 from finetune_trainer.storage import ObjectStore
 
@@ -95,12 +95,12 @@ def export_model(
         return model_uri(config)
     if kind == "merged":
         saved = merge_adapter(base_model_dir, saved, staging / "merged", tokenizer)
-    deadline = time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S
+    # Retries live in the storage layer; the budget is for the whole model.
+    store = store.retrying_until(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S)
     # A model/ left by an earlier attempt with other files must not mix with this one.
-    with_retries(lambda: store.delete_prefix(f"{MODEL_DIR}/"), f"clearing {MODEL_DIR}/", deadline)
+    store.delete_prefix(f"{MODEL_DIR}/")
     for path in sorted(p for p in saved.rglob("*") if p.is_file() and p.name not in NOT_EXPORTED):
-        key = f"{MODEL_DIR}/{path.relative_to(saved).as_posix()}"
-        with_retries(partial(store.upload_file, path, key), f"upload of {key}", deadline)
+        store.upload_file(path, f"{MODEL_DIR}/{path.relative_to(saved).as_posix()}")
     log.info("exported the %s model to %s", kind, model_uri(config))
     return model_uri(config)
 
@@ -170,9 +170,8 @@ def summarize(
 def write_result(config: TrainerConfig, store: ObjectStore, state: TrainerState, **details: Any) -> dict[str, Any]:
     """Upload result.json (rank 0, after the model); returns what was written."""
     result = summarize(config, state, **details)
-    deadline = time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S
     data = json.dumps(result, indent=2).encode()
-    with_retries(lambda: store.put_bytes(RESULT_NAME, data), f"upload of {RESULT_NAME}", deadline)
+    store.retrying_until(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S).put_bytes(RESULT_NAME, data)
     log.info("result: %s", json.dumps(result))
     # The pod's termination message carries these to the operator once the metrics endpoint is gone.
     summary = {key: result[key] for key in SUMMARY_KEYS if result.get(key) is not None}

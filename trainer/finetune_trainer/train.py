@@ -27,9 +27,10 @@ Features:
   ``training.evalEvery`` steps and at the end; early stopping on eval loss with ``patience`` and ``minDelta``
   (its state is rebuilt from the log history after a resume); the best eval loss and its step are tracked, and
   retention never deletes the best checkpoint.
-- **Checkpoints** (``checkpoints``): every N steps and/or minutes, uploaded in the background with a manifest
-  written last; automatic resume from the newest complete checkpoint (model, optimizer, scheduler, RNG, data
-  position); SIGTERM saves at the next step boundary within the grace period and exits PREEMPTED.
+- **Checkpoints** (``checkpoints``, ``checkpoint_protocol``, ``resume``): every N steps and/or minutes, uploaded in
+  the background with a manifest written last; automatic resume from the newest complete checkpoint (model,
+  optimizer, scheduler, RNG, data position); SIGTERM saves at the next step boundary within the grace period and
+  exits PREEMPTED.
 - **Metrics** (``metrics``): Prometheus endpoint on every rank, Pushgateway pushes from rank 0.
 - **Export** (``export``): full model, LoRA adapter or merged model to ``<output.uri>/model/``, then
   ``result.json`` with the losses before and after, the best eval loss, steps, tokens and wall time.
@@ -55,6 +56,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -64,16 +66,14 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from finetune_trainer import exit_codes
-from finetune_trainer.checkpoints import (
-    CheckpointCallback,
-    DistContext,
-    Preempted,
-    Preemption,
-    restore_checkpoint,
-)
+from finetune_trainer import exit_codes, export
+from finetune_trainer.checkpoint_protocol import CheckpointCallback, CheckpointProtocol
 from finetune_trainer.config import ConfigError, TrainerConfig
+from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, PreparedData, build_datasets, count_real_tokens
+from finetune_trainer.distributed import DistContext, Preempted, Preemption
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
+from finetune_trainer.resume import restore_checkpoint
+from finetune_trainer.storage import ObjectStore, open_store, pull_model
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def build_deepspeed_config(
         # Checkpoints go to each node's own disk: every node's local rank 0 creates the folders.
         "checkpoint": {"use_node_local_storage": True},
     }
-    if load_universal:  # resuming from a checkpoint converted for this world size (checkpoints.convert_to_universal)
+    if load_universal:  # resuming from a checkpoint converted for this world size (resume.convert_to_universal)
         result["checkpoint"]["load_universal"] = True
     if ds.offloadOptimizer:
         # DeepSpeed refuses a torch optimizer on offloaded states; its CPU Adam is the fast path there.
@@ -215,7 +215,7 @@ def build_training_arguments(
         # The step-0 evaluation of a resumed run is in the restored log history already.
         eval_on_start=has_eval and not resuming,
         prediction_loss_only=True,
-        # CheckpointCallback decides when to save (steps and/or minutes, SIGTERM); HF only writes the files.
+        # The checkpoint protocol decides when to save (steps and/or minutes, SIGTERM); HF only writes the files.
         save_strategy="no",
         save_total_limit=None,
         report_to=[],
@@ -373,17 +373,75 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     """Train, export and report; the outcome's code is the process's exit code (see ``exit_codes``).
 
     ``extra_callbacks`` are added after the trainer's own (benchmarks use one to time steps)."""
-    from finetune_trainer import export
-    from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, build_datasets, count_real_tokens
-    from finetune_trainer.storage import open_store, pull_model
-
     started = time.time()
-    storage = None
+    store = None
     ctx = DistContext.from_env()
     configure_logging(ctx.rank)
     cuda = torch.cuda.is_available()
     preemption = Preemption()
     preemption.install()
+    metrics = start_metrics(config, ctx)
+    try:
+        init_distributed(ctx, cuda)
+        precision = resolve_precision(
+            config.training.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+        )
+        # Rooted at output.uri: checkpoints/, model/ and result.json are keys below it.
+        store = open_store(config.output.uri, config.storage, on_bytes=metrics.count_s3_bytes)
+        inputs = pull_inputs(config, ctx, metrics)
+        output_dir = Path(config.local.workDir) / "checkpoints"
+        restored, complete = restore_checkpoint(config, store, ctx, output_dir)
+        args = build_training_arguments(
+            config,
+            output_dir=output_dir,
+            world_size=ctx.world_size,
+            precision=precision,
+            cuda=cuda,
+            has_eval=inputs.data.eval is not None,
+            resuming=restored is not None,
+            load_universal=restored is not None and restored.universal,
+        )
+        set_seed(config.training.seed)
+        # After TrainingArguments: under ZeRO-3 HF then partitions the weights while loading them.
+        model = load_model(config, inputs.model_dir, precision)
+        checkpoints = CheckpointProtocol(
+            config,
+            store,
+            ctx,
+            preemption,
+            TokenCounter(count_real_tokens),
+            metrics,
+            complete=complete,
+            resumed_dir=restored.path if restored is not None else None,
+        )
+        if restored is not None and ctx.rank == 0:
+            checkpoints.counter.restored_tokens = restored.manifest.tokensSeen
+        training = build_trainer(config, model, args, inputs, checkpoints, metrics, extra_callbacks)
+        train_started = time.time()
+        output = training.trainer.train(resume_from_checkpoint=str(restored.path) if restored is not None else None)
+        train_seconds = time.time() - train_started
+        preemption.armed = False
+        if checkpoints.preempted:
+            return preempted_outcome(checkpoints)
+        report = RunReport(
+            started=started,
+            train_seconds=train_seconds,
+            train_loss=output.training_loss,
+            resumed_from=restored.step if restored is not None else None,
+            precision=precision,
+        )
+        return export_and_report(config, ctx, store, inputs, training, report)
+    except Preempted:
+        return RunOutcome(exit_codes.PREEMPTED, "preempted before training started; nothing to checkpoint")
+    finally:
+        preemption.uninstall()
+        metrics.close()
+        if store is not None:
+            store.close()
+
+
+def start_metrics(config: TrainerConfig, ctx: DistContext) -> TrainerMetrics:
+    """This rank's metrics endpoint; rank 0 also pushes to the Pushgateway when the config names one."""
     metrics = TrainerMetrics(ctx.rank, config.job.name, config.job.namespace)
     endpoint = metrics.serve(config.metrics.port + ctx.local_rank)
     if ctx.rank == 0:
@@ -401,111 +459,125 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
                 config.job.name,
                 {"namespace": config.job.namespace, "attempt": str(config.job.attempt)},
             )
-    try:
-        init_distributed(ctx, cuda)
-        precision = resolve_precision(
-            config.training.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
-        )
-        # Rooted at output.uri: checkpoints/, model/ and result.json are keys below it.
-        storage = open_store(config.output.uri, config.storage, on_bytes=metrics.count_s3_bytes)
-        output_dir = Path(config.local.workDir) / "checkpoints"
-        model_dir = pull_model(
-            config.model.uri,
-            config.local.cacheDir,
-            config.storage,
-            local_rank=ctx.local_rank,
-            sha256=config.model.sha256,
-            on_bytes=metrics.count_s3_bytes,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        datasets = build_datasets(config, tokenizer, local_rank=ctx.local_rank, on_bytes=metrics.count_s3_bytes)
-        if config.dataset.format == "chat" and not tokenizer.chat_template:
-            # Saved with the model so inference formats conversations exactly as training did.
-            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        restored, complete = restore_checkpoint(config, storage, ctx, output_dir)
-        args = build_training_arguments(
+    return metrics
+
+
+@dataclass
+class Inputs:
+    """The model folder in the node cache, its tokenizer, and the tokenised data."""
+
+    model_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+
+
+def pull_inputs(config: TrainerConfig, ctx: DistContext, metrics: TrainerMetrics) -> Inputs:
+    """Model, tokenizer and data from storage, through the node cache (local rank 0 downloads)."""
+    model_dir = pull_model(
+        config.model.uri,
+        config.local.cacheDir,
+        config.storage,
+        local_rank=ctx.local_rank,
+        sha256=config.model.sha256,
+        on_bytes=metrics.count_s3_bytes,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = build_datasets(config, tokenizer, local_rank=ctx.local_rank, on_bytes=metrics.count_s3_bytes)
+    if config.dataset.format == "chat" and not tokenizer.chat_template:
+        # Saved with the model so inference formats conversations exactly as training did.
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return Inputs(model_dir, tokenizer, data)
+
+
+@dataclass
+class Training:
+    """The Trainer and the parts of it the end of the run reads back."""
+
+    trainer: FineTuneTrainer
+    checkpoints: CheckpointProtocol
+    early_stopping: EarlyStoppingCallback | None
+
+
+def build_trainer(
+    config: TrainerConfig,
+    model: PreTrainedModel,
+    args: TrainingArguments,
+    inputs: Inputs,
+    checkpoints: CheckpointProtocol,
+    metrics: TrainerMetrics,
+    extra_callbacks: Sequence[TrainerCallback],
+) -> Training:
+    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, early stopping, then ``extra_callbacks``."""
+    callbacks: list[TrainerCallback] = [
+        MetricsCallback(metrics, checkpoints.counter),
+        CheckpointCallback(checkpoints),
+        *extra_callbacks,
+    ]
+    early_stopping = None
+    if config.training.earlyStopping is not None:
+        es = config.training.earlyStopping
+        early_stopping = EarlyStoppingCallback(es.patience, es.minDelta)
+        callbacks.append(early_stopping)
+    trainer = FineTuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=inputs.data.train,
+        eval_dataset=inputs.data.eval,
+        data_collator=inputs.data.collator,
+        processing_class=inputs.tokenizer,
+        callbacks=callbacks,
+        token_counter=checkpoints.counter,
+    )
+    return Training(trainer, checkpoints, early_stopping)
+
+
+def preempted_outcome(checkpoints: CheckpointProtocol) -> RunOutcome:
+    """PREEMPTED, with a reason that says whether the emergency checkpoint made it."""
+    if checkpoints.emergency_checkpoint_complete:
+        return RunOutcome(exit_codes.PREEMPTED, f"preempted: emergency checkpoint at step {checkpoints.emergency_step}")
+    return RunOutcome(
+        exit_codes.PREEMPTED,
+        f"preempted at step {checkpoints.emergency_step}: the emergency checkpoint could not be completed in the "
+        f"grace period; the newest complete one is step {checkpoints.last_complete_step}",
+    )
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What result.json says about the run besides the Trainer's state."""
+
+    started: float
+    train_seconds: float
+    train_loss: float
+    resumed_from: int | None
+    precision: str
+
+
+def export_and_report(
+    config: TrainerConfig, ctx: DistContext, store: ObjectStore, inputs: Inputs, training: Training, report: RunReport
+) -> RunOutcome:
+    """The final evaluation, the model exported and, from rank 0, result.json (collective)."""
+    trainer = training.trainer
+    final_eval = export.final_evaluation(trainer)
+    tokens_seen = export.total_tokens(ctx, training.checkpoints.counter)
+    export.export_model(config, trainer, inputs.tokenizer, inputs.model_dir, store, ctx)
+    if ctx.rank == 0:
+        export.write_result(
             config,
-            output_dir=output_dir,
+            store,
+            trainer.state,
+            final_eval=final_eval,
+            train_loss=report.train_loss,
+            tokens_seen=tokens_seen,
+            wall_seconds=time.time() - report.started,
+            train_seconds=report.train_seconds,
+            resumed_from=report.resumed_from,
+            early_stopped_at=training.early_stopping.stopped_at if training.early_stopping is not None else None,
             world_size=ctx.world_size,
-            precision=precision,
-            cuda=cuda,
-            has_eval=datasets.eval is not None,
-            resuming=restored is not None,
-            load_universal=restored is not None and restored.universal,
+            precision=report.precision,
+            data=inputs.data.stats.to_dict(),
         )
-        set_seed(config.training.seed)
-        # After TrainingArguments: under ZeRO-3 HF then partitions the weights while loading them.
-        model = load_model(config, model_dir, precision)
-        counter = TokenCounter(count_real_tokens)
-        if restored is not None and ctx.rank == 0:
-            counter.restored_tokens = restored.manifest.tokensSeen
-        checkpoint_callback = CheckpointCallback(
-            config,
-            storage,
-            ctx,
-            preemption,
-            counter,
-            metrics,
-            complete=complete,
-            resumed_dir=restored.path if restored is not None else None,
-        )
-        callbacks: list[TrainerCallback] = [MetricsCallback(metrics, counter), checkpoint_callback, *extra_callbacks]
-        early_stopping = None
-        if config.training.earlyStopping is not None:
-            es = config.training.earlyStopping
-            early_stopping = EarlyStoppingCallback(es.patience, es.minDelta)
-            callbacks.append(early_stopping)
-        trainer = FineTuneTrainer(
-            model=model,
-            args=args,
-            train_dataset=datasets.train,
-            eval_dataset=datasets.eval,
-            data_collator=datasets.collator,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            token_counter=counter,
-        )
-        train_started = time.time()
-        output = trainer.train(resume_from_checkpoint=str(restored.path) if restored is not None else None)
-        train_seconds = time.time() - train_started
-        preemption.armed = False
-        if checkpoint_callback.preempted:
-            cb = checkpoint_callback
-            if cb.emergency_checkpoint_complete:
-                reason = f"preempted: emergency checkpoint at step {cb.emergency_step}"
-            else:
-                reason = (
-                    f"preempted at step {cb.emergency_step}: the emergency checkpoint could not be completed in the "
-                    f"grace period; the newest complete one is step {cb.last_complete_step}"
-                )
-            return RunOutcome(exit_codes.PREEMPTED, reason)
-        final_eval = export.final_evaluation(trainer)
-        tokens_seen = export.total_tokens(ctx, counter)
-        export.export_model(config, trainer, tokenizer, model_dir, storage, ctx)
-        if ctx.rank == 0:
-            export.write_result(
-                config,
-                storage,
-                trainer.state,
-                final_eval=final_eval,
-                train_loss=output.training_loss,
-                tokens_seen=tokens_seen,
-                wall_seconds=time.time() - started,
-                train_seconds=train_seconds,
-                resumed_from=restored.step if restored is not None else None,
-                early_stopped_at=early_stopping.stopped_at if early_stopping is not None else None,
-                world_size=ctx.world_size,
-                precision=precision,
-                data=datasets.stats.to_dict(),
-            )
-        return RunOutcome(exit_codes.SUCCESS, f"trained {trainer.state.global_step} steps")
-    except Preempted:
-        return RunOutcome(exit_codes.PREEMPTED, "preempted before training started; nothing to checkpoint")
-    finally:
-        preemption.uninstall()
-        metrics.close()
-        if storage is not None:
-            storage.close()
+    return RunOutcome(exit_codes.SUCCESS, f"trained {trainer.state.global_step} steps")
 
 
 def load_model(config: TrainerConfig, model_dir: Path, precision: str) -> PreTrainedModel:
