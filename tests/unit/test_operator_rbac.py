@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chart_render import of_kind, render
 from operator_factories import at, make_job, make_pod
-from test_chart import helm_bin, of_kind, render, rule_set  # noqa: F401 (helm_bin is a fixture)
+from test_chart import rule_set
 
 from finetune_operator import handlers
 from finetune_operator.api import API_RBAC, ApiError, KubeApi, Rule, peering_rbac
