@@ -102,6 +102,10 @@ METRIC_TOKENS_PER_SECOND: Final = "finetune_tokens_per_second"
 METRIC_LAST_CHECKPOINT_STEP: Final = "finetune_last_checkpoint_step"
 # Not exported by the trainer yet; read when present so bestCheckpoint can name a step.
 METRIC_BEST_CHECKPOINT_STEP: Final = "finetune_best_checkpoint_step"
+# Data preparation on rank 0: the fraction done (-1 before it starts, 1 when the data is ready), rows, ETA.
+METRIC_DATA_PREPARATION: Final = "finetune_data_preparation_progress"
+METRIC_DATA_ROWS: Final = "finetune_data_prepared_rows"
+METRIC_DATA_ETA: Final = "finetune_data_preparation_eta_seconds"
 CHECKPOINT_DIR_FORMAT: Final = "checkpoints/step-{step:08d}/"
 MODEL_DIR: Final = "model/"
 
@@ -130,6 +134,8 @@ REASON_CREATED: Final = "Created"
 REASON_RESTARTED: Final = "Restarted"
 REASON_RESUMED: Final = "Resumed"
 REASON_ALL_PODS_RUNNING: Final = "AllPodsRunning"
+# The Running condition's reason while rank 0 prepares (tokenizes) the dataset, before the first step.
+REASON_PREPARING_DATA: Final = "PreparingData"
 REASON_SUSPENDED: Final = "Suspended"
 REASON_SUCCEEDED: Final = "Succeeded"
 REASON_POD_FAILED: Final = "PodFailed"

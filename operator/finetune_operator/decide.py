@@ -81,8 +81,7 @@ def _record_running(observed: ObservedJob, draft: DecisionDraft) -> None:
     if len(running) == nodes:
         if status.phase != c.PHASE_RUNNING:
             status.enter(c.PHASE_RUNNING, c.REASON_ALL_PODS_RUNNING, f"Attempt {attempt}: all {nodes} pod(s) running")
-            status.set_condition(c.CONDITION_RUNNING, True, c.REASON_ALL_PODS_RUNNING,
-                                 f"attempt {attempt}: all pods running")
+            status.set_condition(c.CONDITION_RUNNING, True, c.REASON_ALL_PODS_RUNNING, _running_message(attempt))
         if status.time("startTime") is None:
             status.set_time("startTime", draft.now)
             if observed.spec.active_deadline_seconds is not None:
@@ -94,9 +93,15 @@ def _record_running(observed: ObservedJob, draft: DecisionDraft) -> None:
         status.set_message(f"Attempt {attempt}: {len(running)} of {nodes} pod(s) running{capacity}")
 
 
+def _running_message(attempt: int) -> str:
+    return f"attempt {attempt}: all pods running"
+
+
 def _record_progress(observed: ObservedJob, draft: DecisionDraft) -> None:
-    """Progress and training metrics from rank 0's endpoint, read by the caller while the gang runs."""
+    """Progress, data preparation and training metrics from rank 0's endpoint, read by the caller while the gang
+    runs."""
     if observed.sample is not None and draft.status.phase == c.PHASE_RUNNING:
+        draft.status.record_data_preparation(observed.sample, _running_message(observed.job.attempt))
         draft.status.record_progress(observed.sample, observed.spec.output.uri, observed.spec.distributed.world_size)
 
 

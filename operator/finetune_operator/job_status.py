@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,21 @@ class JobStatus:
             if sample.best_eval_loss is not None:
                 best["evalLoss"] = round(sample.best_eval_loss, 6)
             self.data["bestCheckpoint"] = best
+
+    def record_data_preparation(self, sample: ProgressSample, running_message: str) -> None:
+        """The Running condition says PreparingData (with rows and ETA) while rank 0 prepares the data, and goes
+        back to ``running_message`` once it is done; a reconcile without a new sample changes nothing."""
+        current = self.condition(c.CONDITION_RUNNING) or {}
+        if sample.preparing_data:
+            assert sample.data_progress is not None
+            message = f"preparing data: {100 * sample.data_progress:.0f}%"
+            if sample.data_rows is not None:
+                message += f", {sample.data_rows} rows"
+            if sample.data_eta_seconds is not None and math.isfinite(sample.data_eta_seconds):
+                message += f", ETA {format_eta(int(sample.data_eta_seconds))}"
+            self.set_condition(c.CONDITION_RUNNING, True, c.REASON_PREPARING_DATA, message)
+        elif current.get("reason") == c.REASON_PREPARING_DATA:
+            self.set_condition(c.CONDITION_RUNNING, True, c.REASON_ALL_PODS_RUNNING, running_message)
 
     def finalize(self) -> dict[str, Any]:
         self.data["observedGeneration"] = self.generation

@@ -33,7 +33,15 @@ class ProgressSample:
     last_checkpoint_step: int | None = None
     best_checkpoint_step: int | None = None
     steps_per_second: float | None = None
+    data_progress: float | None = None
+    data_rows: int | None = None
+    data_eta_seconds: float | None = None
     observed_at: float = 0.0
+
+    @property
+    def preparing_data(self) -> bool:
+        """Rank 0 is preparing the dataset (started, not done, no step taken)."""
+        return self.data_progress is not None and 0 <= self.data_progress < 1 and not self.step
 
     @property
     def eta_seconds(self) -> int | None:
@@ -79,6 +87,9 @@ def parse_metrics(text: str, *, rank: str = "0", observed_at: float = 0.0) -> Pr
         # The trainer reports -1 before its first complete checkpoint.
         last_checkpoint_step=count(c.METRIC_LAST_CHECKPOINT_STEP),
         best_checkpoint_step=count(c.METRIC_BEST_CHECKPOINT_STEP),
+        data_progress=number(c.METRIC_DATA_PREPARATION),
+        data_rows=count(c.METRIC_DATA_ROWS),
+        data_eta_seconds=number(c.METRIC_DATA_ETA),
         observed_at=observed_at,
     )
 

@@ -72,6 +72,7 @@ class DatasetSpec:
     completion_field: str = spec_field("completion", max_length=128)
     messages_field: str = spec_field("messages", max_length=128)
     max_malformed_rows: int = spec_field(0, minimum=0, maximum=1_000_000)
+    cache: str | None = spec_field(None, pattern=URI, max_length=2048)
 
 
 @dataclass(frozen=True)

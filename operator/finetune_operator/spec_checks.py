@@ -20,6 +20,7 @@ CHECKS: Final = (
     "spec.checkpoint.gracePeriodSeconds < spec.activeDeadlineSeconds",
     "spec.dataset.evalUri differs from spec.dataset.uri",
     "spec.output.uri does not overlap spec.model.uri, spec.dataset.uri or spec.dataset.evalUri",
+    "spec.dataset.cache does not overlap spec.dataset.uri or spec.dataset.evalUri (prepared files would be data)",
     "spec.model.uri and spec.output.uri are not file:// when nodes > 1 (a local path is not shared by nodes)",
     "spec.metrics.port..port+procsPerNode-1 (one endpoint per local rank) does not include distributed.masterPort",
     "spec.retryableExitCodes does not contain 64, the trainer's permanent-error code",
@@ -121,6 +122,12 @@ def check_uris(spec: JobSpec) -> None:
                 "spec.output.uri",
                 f"{spec.output.uri} overlaps {other_path} {other}: checkpoints and the model would be written "
                 "among the inputs",
+            )
+    for other_path, other in (("spec.dataset.uri", ds.uri), ("spec.dataset.evalUri", ds.eval_uri)):
+        if ds.cache is not None and other is not None and uris_overlap(ds.cache, other):
+            raise InvalidSpecError(
+                "spec.dataset.cache",
+                f"{ds.cache} overlaps {other_path} {other}: the prepared files would be read as training data",
             )
     if d.nodes > 1:
         for where, uri in (("spec.model.uri", spec.model.uri), ("spec.output.uri", spec.output.uri)):

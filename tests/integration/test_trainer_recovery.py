@@ -39,6 +39,9 @@ def test_killed_rank_then_relaunch_resumes_from_the_newest_complete_checkpoint(s
     assert result["resumedFromStep"] == newest
     assert result["steps"] == 60
     assert result["evalLossAfter"] < result["evalLossBefore"]
+    # The restart prepared nothing: the node's prepared data was reused.
+    assert "data_store: prepared data" in second.log() and "reused from" in second.log()
+    assert "data_prepare: prepared " not in second.log()
 
 
 def test_sigterm_writes_a_complete_checkpoint_and_exits_preempted(setup: TrainerSetup) -> None:

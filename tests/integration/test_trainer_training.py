@@ -94,6 +94,9 @@ def test_two_ranks_zero2_chat_trains_exports_and_serves_metrics(
     assert len(steps) >= 2 and steps == sorted(steps), steps
     assert losses, "no finite finetune_train_loss was scraped"
     assert other_rank and 'rank="1"' in other_rank[0] and 'job_name="test"' in other_rank[0]
+    # The data was prepared once for both ranks: one preparation in the log, one prepared dataset on the node.
+    assert launched.log().count("data_prepare: prepared ") == 1, launched.log()[-4000:]
+    assert len([p for p in (setup.root / "node0" / "cache" / "prepared").iterdir() if p.is_dir()]) == 1
     if pushgateway is not None:
         # Rank 0 pushed its final numbers, grouped by job, namespace and attempt, so they outlive the pods.
         pushed = scrape(pushgateway.url + "/metrics") or ""
@@ -153,6 +156,8 @@ def test_two_nodes_with_c10d_rendezvous_train_to_completion(setup: TrainerSetup)
     codes = [run.wait() for run in launched]
 
     assert codes == [exit_codes.SUCCESS, exit_codes.SUCCESS], "\n".join(run.log()[-3000:] for run in launched)
+    # Each node prepared the data once, into its own cache.
+    assert [run.log().count("data_prepare: prepared ") for run in launched] == [1, 1]
     result = setup.result()
     assert result["worldSize"] == 2 and result["steps"] == 20
     manifest = setup.complete_checkpoints()[20]

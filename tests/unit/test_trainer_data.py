@@ -6,9 +6,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,16 +23,13 @@ from finetune_trainer.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     DataError,
-    DataStats,
-    Example,
     ExampleBuilder,
+    MalformedBudget,
     PaddingCollator,
-    _MalformedBudget,
-    build_datasets,
     count_real_tokens,
-    load_examples,
-    pack_examples,
 )
+from finetune_trainer.data_prepare import ChunkResult, pack_bounds, plan_chunks, tokenize_chunks
+from finetune_trainer.data_store import build_datasets, packed_item
 from finetune_trainer.testing import build_tiny_model, generic_corpus, pretrain_briefly, toy_chat_rows
 
 EOS = "<|endoftext|>"
@@ -60,10 +60,42 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+@dataclass
+class Example:
+    input_ids: npt.NDArray[np.int32]
+    labels: npt.NDArray[np.int32]
+    position_ids: npt.NDArray[np.int32] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_file(tokenizer: Any, config: TrainerConfig, path: Path) -> tuple[list[Example], list[ChunkResult]]:
+    """The examples of one file in row order (tokenized in this process), and its chunks' counts."""
+    builder = ExampleBuilder(tokenizer, config.dataset, config.training.maxSeqLength)
+    budget = MalformedBudget(config.dataset.maxMalformedRows)
+    examples, results = [], []
+    for result in tokenize_chunks(plan_chunks([path], builder.columns), builder, workers=1):
+        for location, problem in result.malformed:
+            budget.reject(location, problem)
+        ends = np.cumsum(result.lengths)
+        for ids, trained in zip(np.split(result.ids, ends[:-1]), np.split(result.trained, ends[:-1]), strict=True):
+            examples.append(Example(ids, np.where(trained != 0, ids, IGNORE_INDEX).astype(np.int32)))
+        results.append(result)
+    return examples, results
+
+
 def encode_rows(tokenizer: Any, tmp_path: Path, fmt: str, rows: list[Any], max_len: int = 64) -> list[Example]:
     config = make_config(dataset={"format": fmt}, training={"maxSeqLength": max_len})
-    builder = ExampleBuilder(tokenizer, config.dataset, max_len)
-    return load_examples([write_jsonl(tmp_path / "rows.jsonl", rows)], builder, _MalformedBudget(0), DataStats())
+    return encode_file(tokenizer, config, write_jsonl(tmp_path / "rows.jsonl", rows))[0]
+
+
+def pack_examples(examples: list[Example], max_len: int) -> list[Example]:
+    bounds = pack_bounds(np.asarray([len(e) for e in examples]), max_len).tolist()
+    return [
+        Example(**packed_item([(e.input_ids, e.labels) for e in examples[start:end]]))
+        for start, end in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def trained_text(tokenizer: Any, example: Example) -> str:
@@ -197,18 +229,14 @@ def test_long_examples_are_truncated_and_untrainable_ones_dropped(tokenizer: Any
         {"prompt": long_prompt, "completion": " yes"},
         {"prompt": "Q:", "completion": " yes"},
     ]
-    stats = DataStats()
-    builder = ExampleBuilder(tokenizer, config.dataset, 16)
-    examples = load_examples([write_jsonl(tmp_path / "d.jsonl", rows)], builder, _MalformedBudget(0), stats)
+    examples, (result,) = encode_file(tokenizer, config, write_jsonl(tmp_path / "d.jsonl", rows))
 
     assert [len(e) for e in examples[:1]] == [16]
     assert len(examples) == 2
-    assert (stats.rows, stats.truncated, stats.dropped_untrained, stats.examples) == (3, 2, 1, 2)
+    assert (result.rows, result.truncated, result.dropped_untrained, len(result.lengths)) == (3, 2, 1, 2)
 
 
 def example_of(n: int, start: int = 10) -> Example:
-    import numpy as np
-
     ids = np.arange(start, start + n, dtype=np.int32)
     return Example(ids, ids.copy())
 

@@ -9,6 +9,7 @@ form must give exactly the same items in the same order: same masks, packing bou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import trainer_factories
 
+from finetune_trainer import data_prepare
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, build_datasets
+from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE
+from finetune_trainer.data_store import build_datasets
 from finetune_trainer.testing import build_tiny_model, generic_corpus, toy_chat_rows
 
 GOLDEN = Path(__file__).parent / "fixtures" / "data_golden.json"
@@ -70,7 +73,7 @@ CASES: dict[str, dict[str, Any]] = {
 def write_rows(path: Path, rows: list[Any], store: str) -> Path:
     if store == "parquet":
         path = path.with_suffix(".parquet")
-        pq.write_table(pa.Table.from_pylist(rows), path)
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
     elif store == "array":
         path = path.with_suffix(".json")
         path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
@@ -128,3 +131,21 @@ def test_the_golden_file_covers_every_case() -> None:
 def test_prepared_items_equal_the_in_memory_pipeline(case_name: str, tokenizer: Any, tmp_path: Path) -> None:
     expected = json.loads(GOLDEN.read_text())[case_name]
     assert prepare(case_name, tokenizer, tmp_path) == expected
+
+
+@pytest.mark.parametrize("case_name", ["chat-malformed-skipped", "text-parquet"])
+def test_many_chunks_on_a_pool_of_processes_give_the_same_items(
+    case_name: str, tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Chunks of a few rows (JSON lines by bytes, Parquet by row groups of 7) on two processes: rows keep their
+    order and malformed rows spend the budget in row order."""
+    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(data_prepare, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(data_prepare, "available_cpus", lambda: 2)
+    case = CASES[case_name]
+    probe = write_rows(tmp_path / "probe", case["rows"], case.get("store", "jsonl"))
+    assert len(data_prepare.plan_chunks([probe], ["text"])) >= 3
+    expected = json.loads(GOLDEN.read_text())[case_name]
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.data_prepare"):
+        assert prepare(case_name, tokenizer, tmp_path) == expected
+    assert "with 2 processes" in caplog.text

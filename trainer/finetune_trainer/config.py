@@ -84,6 +84,11 @@ class DatasetConfig:
         minimum=0,
         maximum=1_000_000,
     )
+    cache: str | None = _help(
+        "Where prepared (tokenized) data is shared by nodes, later attempts and later jobs: s3://bucket/prefix or "
+        "file:///path; each node's local.cacheDir keeps a copy either way.",
+        None,
+    )
 
     @property
     def effective_eval_split(self) -> float:
@@ -207,6 +212,10 @@ class StorageConfig:
 class LocalPathsConfig:
     cacheDir: str = _help("Node-local model and data cache (shared by the ranks of a pod).", "/scratch/cache")
     workDir: str = _help("Node-local folder for checkpoints before upload and the export.", "/scratch/work")
+    preparedDataLimitGB: float = _help(
+        "Prepared datasets kept in cacheDir/prepared; the least recently used go beyond this size.", 100.0,
+        minimum=0, exclusive_minimum=True,
+    )
 
     @property
     def result_summary_file(self) -> Path:
@@ -342,6 +351,12 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def uris_overlap(a: str, b: str) -> bool:
+    """True when one URI is the other or a folder above it (``s3://b/x`` and ``s3://b/x/y``, not ``s3://b/xy``)."""
+    pa, pb = a.rstrip("/"), b.rstrip("/")
+    return pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")
+
+
 def _check_range(
     path: str,
     value: float | None,
@@ -369,12 +384,16 @@ def validate(config: TrainerConfig) -> TrainerConfig:
         ("dataset.uri", config.dataset.uri),
         ("dataset.evalUri", config.dataset.evalUri),
         ("output.uri", config.output.uri),
+        ("dataset.cache", config.dataset.cache),
     ):
         if uri is not None and not URI_PATTERN.match(uri):
             raise ConfigError(where, f"must be s3://bucket/key or file:///absolute/path, got {uri!r}")
     if config.model.sha256 is not None and not re.fullmatch(r"[a-f0-9]{64}", config.model.sha256):
         raise ConfigError("model.sha256", "must be 64 lowercase hex digits")
     d = config.dataset
+    for where, uri in (("dataset.uri", d.uri), ("dataset.evalUri", d.evalUri)):
+        if d.cache and uri and uris_overlap(d.cache, uri):
+            raise ConfigError("dataset.cache", f"{d.cache} overlaps {where} {uri}: prepared files would be data")
     if d.evalSplit is not None and d.evalUri is not None:
         raise ConfigError("dataset.evalSplit", "set either dataset.evalSplit or dataset.evalUri, not both")
     t = config.training

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +65,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import Dataset
 
-from finetune_trainer.config import DatasetConfig, TrainerConfig
-from finetune_trainer.storage import ByteHook, pull_dataset
+from finetune_trainer.config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +79,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-ENCODE_BATCH_ROWS = 512
 
 TokenArray = npt.NDArray[np.int32]
 # A piece of an example before tokenization: text (or one literal token id) and whether it is trained.
@@ -95,18 +91,8 @@ class DataError(ValueError):
     """The training data cannot be used; the message names the file and line and what is wrong."""
 
 
-class _Malformed(Exception):
+class MalformedRow(Exception):
     """One row is unusable; the message says why (without the location)."""
-
-
-@dataclass
-class Example:
-    input_ids: TokenArray
-    labels: TokenArray
-    position_ids: TokenArray | None = None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 @dataclass
@@ -154,7 +140,7 @@ class DataStats:
 
 
 @dataclass
-class _MalformedBudget:
+class MalformedBudget:
     limit: int
     skipped: int = 0
     locations: list[str] = field(default_factory=list)
@@ -188,31 +174,51 @@ def _describe(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _file_and_name(item: DataFile) -> tuple[Path, str]:
+def file_and_name(item: DataFile) -> tuple[Path, str]:
     if isinstance(item, tuple):
         return Path(item[0]), item[1]
     return Path(item), str(item)
 
 
-def read_rows(path: Path, name: str, columns: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
-    """``(location, row, problem)`` for each row; ``problem`` is set when the row could not even be parsed."""
+def read_rows(
+    path: Path,
+    name: str,
+    columns: Sequence[str],
+    *,
+    start: int = 0,
+    end: int | None = None,
+    first_line: int = 1,
+    row_group: int | None = None,
+) -> Iterator[tuple[str, Any, str | None]]:
+    """``(location, row, problem)`` for each row; ``problem`` is set when the row could not even be parsed.
+
+    A part of the file only: JSON lines from byte ``start`` (a line start, numbered ``first_line``) to ``end``, or
+    Parquet row group ``row_group`` whose first row is row ``first_line``.
+    """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        yield from _parquet_rows(path, name, columns)
+        yield from _parquet_rows(path, name, columns, row_group, first_line)
     elif suffix in (".jsonl", ".json"):
         with path.open("rb") as handle:
             first = handle.read(64).lstrip()
         if suffix == ".json" and first.startswith(b"["):
             yield from _json_array_rows(path, name)
         else:
-            yield from _json_lines_rows(path, name)
+            yield from _json_lines_rows(path, name, start, end, first_line)
     else:
         raise DataError(f"{name}: unsupported file type {suffix or '(none)'} (expected .jsonl, .json or .parquet)")
 
 
-def _json_lines_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | None]]:
+def _json_lines_rows(
+    path: Path, name: str, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[str, Any, str | None]]:
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        handle.seek(start)
+        position = start
+        for number, raw in enumerate(handle, start=first_line):
+            if end is not None and position >= end:
+                return
+            position += len(raw)
             if not raw.strip():
                 continue
             location = f"{name}:{number}"
@@ -262,7 +268,7 @@ def _json_array_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | No
         raise DataError(f"{name}:{line_of(position)}: not valid JSON: expected ',' or ']' after a row")
 
 
-def _parquet_rows(path: Path, name: str, columns: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
+def _open_parquet(path: Path, name: str, columns: Sequence[str]) -> Any:
     import pyarrow.parquet as pq
 
     try:
@@ -275,8 +281,23 @@ def _parquet_rows(path: Path, name: str, columns: Sequence[str]) -> Iterator[tup
         raise DataError(
             f"{name}: no column {', '.join(map(repr, missing))} (columns: {', '.join(sorted(present)) or 'none'})"
         )
-    number = 0
-    for batch in parquet.iter_batches(columns=list(columns), batch_size=1024):
+    return parquet
+
+
+def parquet_row_groups(path: Path, name: str, columns: Sequence[str]) -> list[tuple[int, int, int]]:
+    """``(index, rows, bytes)`` of each row group of a Parquet file that has ``columns``."""
+    metadata = _open_parquet(path, name, columns).metadata
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    return [(i, group.num_rows, group.total_byte_size) for i, group in enumerate(groups)]
+
+
+def _parquet_rows(
+    path: Path, name: str, columns: Sequence[str], row_group: int | None, first_row: int
+) -> Iterator[tuple[str, Any, str | None]]:
+    parquet = _open_parquet(path, name, columns)
+    groups = None if row_group is None else [row_group]
+    number = first_row - 1
+    for batch in parquet.iter_batches(columns=list(columns), batch_size=1024, row_groups=groups):
         for row in batch.to_pylist():
             number += 1
             yield f"{name}:row {number}", row, None
@@ -309,9 +330,9 @@ class ExampleBuilder:
         return [d.messagesField]
 
     def segments(self, row: Any) -> list[Segment]:
-        """The row's pieces, or ``_Malformed`` saying what is wrong with it."""
+        """The row's pieces, or ``MalformedRow`` saying what is wrong with it."""
         if not isinstance(row, dict):
-            raise _Malformed(f"expected a JSON object, got {_describe(row)}")
+            raise MalformedRow(f"expected a JSON object, got {_describe(row)}")
         d = self.dataset
         eos: list[Segment] = [(self.eos_id, True)] if self.eos_id is not None else []
         if d.format == "text":
@@ -336,7 +357,7 @@ class ExampleBuilder:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja2 errors and the template's own raise_exception()
-            raise _Malformed(f"the tokenizer's chat template failed: {exc}") from None
+            raise MalformedRow(f"the tokenizer's chat template failed: {exc}") from None
         return str(text)
 
     def _template_segments(self, messages: list[dict[str, str]]) -> list[Segment]:
@@ -357,7 +378,7 @@ class ExampleBuilder:
                 consistent = turn.startswith(prompt)
             end = len(turn)
             if not consistent or not full.startswith(turn) or start < done or end <= start:
-                raise _Malformed(
+                raise MalformedRow(
                     f"cannot locate assistant turn messages[{i}]: the tokenizer's chat template does not render "
                     "the conversation prefix by prefix"
                 )
@@ -384,147 +405,43 @@ class ExampleBuilder:
 
 def _string(row: dict[str, Any], name: str, *, allow_empty: bool) -> str:
     if name not in row:
-        raise _Malformed(f"missing field {name!r}")
+        raise MalformedRow(f"missing field {name!r}")
     value = row[name]
     if not isinstance(value, str):
-        raise _Malformed(f"field {name!r} must be a string, got {_describe(value)}")
+        raise MalformedRow(f"field {name!r} must be a string, got {_describe(value)}")
     if not allow_empty and not value.strip():
-        raise _Malformed(f"field {name!r} is empty")
+        raise MalformedRow(f"field {name!r} is empty")
     return value
 
 
 def _messages(row: dict[str, Any], name: str) -> list[dict[str, str]]:
     if name not in row:
-        raise _Malformed(f"missing field {name!r}")
+        raise MalformedRow(f"missing field {name!r}")
     messages = row[name]
     if not isinstance(messages, list):
-        raise _Malformed(f"field {name!r} must be a list of messages, got {_describe(messages)}")
+        raise MalformedRow(f"field {name!r} must be a list of messages, got {_describe(messages)}")
     if not messages:
-        raise _Malformed(f"field {name!r} is empty")
+        raise MalformedRow(f"field {name!r} is empty")
     clean = []
     for i, message in enumerate(messages):
         where = f"{name}[{i}]"
         if not isinstance(message, dict):
-            raise _Malformed(f"{where} must be an object with 'role' and 'content', got {_describe(message)}")
+            raise MalformedRow(f"{where} must be an object with 'role' and 'content', got {_describe(message)}")
         for key in ("role", "content"):
             if key not in message:
-                raise _Malformed(f"{where}: missing field {key!r}")
+                raise MalformedRow(f"{where}: missing field {key!r}")
             if not isinstance(message[key], str):
-                raise _Malformed(f"{where}: field {key!r} must be a string, got {_describe(message[key])}")
+                raise MalformedRow(f"{where}: field {key!r} must be a string, got {_describe(message[key])}")
         if message["role"] not in CHAT_ROLES:
-            raise _Malformed(f"{where}: unknown role {message['role']!r} (expected system, user or assistant)")
+            raise MalformedRow(f"{where}: unknown role {message['role']!r} (expected system, user or assistant)")
         clean.append({"role": message["role"], "content": message["content"]})
     if not any(m["role"] == "assistant" for m in clean):
-        raise _Malformed(f"no assistant turn in {name!r} (nothing to train on)")
+        raise MalformedRow(f"no assistant turn in {name!r} (nothing to train on)")
     return clean
 
 
-def load_examples(
-    files: Sequence[DataFile], builder: ExampleBuilder, budget: _MalformedBudget, stats: DataStats
-) -> list[Example]:
-    """Every usable row of ``files`` as a truncated example; malformed rows raise or spend ``budget``."""
-    examples: list[Example] = []
-    pending: list[list[Segment]] = []
-
-    def flush() -> None:
-        for ids, labels in builder.encode(pending):
-            if len(ids) > builder.max_seq_length:
-                stats.truncated += 1
-                ids, labels = ids[: builder.max_seq_length], labels[: builder.max_seq_length]
-            trained = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-            if trained == 0:
-                stats.dropped_untrained += 1
-                continue
-            stats.examples += 1
-            stats.tokens += len(ids)
-            stats.trained_tokens += trained
-            examples.append(Example(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
-        pending.clear()
-
-    for item in files:
-        path, name = _file_and_name(item)
-        stats.files += 1
-        for location, row, problem in read_rows(path, name, builder.columns):
-            stats.rows += 1
-            if problem is None:
-                try:
-                    pending.append(builder.segments(row))
-                except _Malformed as malformed:
-                    problem = str(malformed)
-            if problem is not None:
-                budget.reject(location, problem)
-            if len(pending) >= ENCODE_BATCH_ROWS:
-                flush()
-    flush()
-    stats.skipped = budget.skipped
-    return examples
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Split, packing, batches
-
-
-def split_for_eval(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """``(train, eval)``: a seeded random ``ratio`` of the examples (at least one when there are two) held out."""
-    if ratio <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(len(examples) * ratio)))
-    held_out = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held_out]
-    evaluation = [e for i, e in enumerate(examples) if i in held_out]
-    return train, evaluation
-
-
-def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[Example]:
-    """Examples concatenated in order into sequences of at most ``max_seq_length``; see the module docstring."""
-    packed: list[Example] = []
-    ids: list[TokenArray] = []
-    labels: list[TokenArray] = []
-    positions: list[TokenArray] = []
-    length = 0
-
-    def close() -> None:
-        nonlocal length
-        if ids:
-            packed.append(Example(np.concatenate(ids), np.concatenate(labels), np.concatenate(positions)))
-        ids.clear()
-        labels.clear()
-        positions.clear()
-        length = 0
-
-    for example in examples:
-        n = len(example)
-        if n > max_seq_length:
-            raise ValueError(f"an example of {n} tokens is longer than max_seq_length {max_seq_length}")
-        if length + n > max_seq_length:
-            close()
-        boundary = example.labels.copy()
-        boundary[0] = IGNORE_INDEX
-        ids.append(example.input_ids)
-        labels.append(boundary)
-        positions.append(np.arange(n, dtype=np.int32))
-        length += n
-    close()
-    return packed
-
-
-class TokenizedDataset(Dataset[dict[str, TokenArray]]):
-    """Examples (or packed sequences) as a map-style dataset of numpy arrays for ``PaddingCollator``."""
-
-    def __init__(self, examples: list[Example]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, TokenArray]:
-        example = self.examples[index]
-        item = {"input_ids": example.input_ids, "labels": example.labels}
-        if example.position_ids is not None:
-            item["position_ids"] = example.position_ids
-        return item
+# Batches
 
 
 class PaddingCollator:
@@ -567,64 +484,3 @@ def count_real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     columns = torch.arange(width).expand_as(positions)
     last = torch.where(positions != 0, columns, torch.full_like(columns, -1)).max(dim=1).values
     return int((last + 1).sum())
-
-
-@dataclass
-class PreparedData:
-    train: TokenizedDataset
-    eval: TokenizedDataset | None
-    collator: PaddingCollator
-    stats: DataStats
-
-
-def build_datasets(
-    config: TrainerConfig,
-    tokenizer: Any,
-    *,
-    local_rank: int = 0,
-    on_bytes: ByteHook | None = None,
-    train_files: Sequence[DataFile] | None = None,
-    eval_files: Sequence[DataFile] | None = None,
-) -> PreparedData:
-    """Train and eval datasets and their collator; files are pulled from ``dataset.uri`` / ``evalUri`` into the
-    node cache (local rank 0 downloads) unless given."""
-    dataset, training = config.dataset, config.training
-    if train_files is None:
-        train_files = pull_dataset(
-            dataset.uri, config.local.cacheDir, config.storage, local_rank=local_rank, on_bytes=on_bytes
-        )
-    if eval_files is None and dataset.evalUri:
-        eval_files = pull_dataset(
-            dataset.evalUri, config.local.cacheDir, config.storage, local_rank=local_rank, on_bytes=on_bytes
-        )
-    builder = ExampleBuilder(tokenizer, dataset, training.maxSeqLength)
-    budget = _MalformedBudget(dataset.maxMalformedRows)
-    stats = DataStats()
-    examples = load_examples(train_files, builder, budget, stats)
-    if eval_files:
-        train = examples
-        evaluation = load_examples(eval_files, builder, budget, stats)
-    else:
-        train, evaluation = split_for_eval(examples, dataset.effective_eval_split, training.seed)
-    names = ", ".join(_file_and_name(f)[1] for f in [*train_files, *(eval_files or [])])
-    if not train:
-        raise DataError(f"{names}: no usable training rows ({stats.rows} rows read, {stats.skipped} malformed)")
-    if stats.dropped_untrained:
-        log.warning(
-            "%d examples had no trained token left after truncation to %d tokens and were dropped",
-            stats.dropped_untrained,
-            training.maxSeqLength,
-        )
-    stats.train_examples, stats.eval_examples = len(train), len(evaluation)
-    stats.train_tokens = sum(len(e) for e in train)
-    if training.packing:
-        train = pack_examples(train, training.maxSeqLength)
-        evaluation = pack_examples(evaluation, training.maxSeqLength)
-    stats.train_sequences, stats.eval_sequences = len(train), len(evaluation)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PreparedData(
-        train=TokenizedDataset(train),
-        eval=TokenizedDataset(evaluation) if evaluation else None,
-        collator=PaddingCollator(pad if pad is not None else 0),
-        stats=stats,
-    )

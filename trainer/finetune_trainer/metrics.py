@@ -89,6 +89,14 @@ class TrainerMetrics:
         self.best_checkpoint_step = gauge(
             "finetune_best_checkpoint_step", "Step of the complete checkpoint with the lowest eval loss."
         )
+        self.data_progress = gauge(
+            "finetune_data_preparation_progress",
+            "Fraction of the dataset this rank has prepared: -1 before preparation starts, 1 when the data is ready.",
+        )
+        self.data_rows = gauge("finetune_data_prepared_rows", "Rows this rank's data preparation has read.")
+        self.data_eta = gauge(
+            "finetune_data_preparation_eta_seconds", "Seconds this rank's data preparation needs at its current speed."
+        )
         self.started = gauge("finetune_started_timestamp_seconds", "Unix time this rank started.")
         self.finished = gauge("finetune_finished_timestamp_seconds", "Unix time this rank finished.")
         self.checkpoint_upload_seconds = Histogram(
@@ -116,11 +124,22 @@ class TrainerMetrics:
         self.eval_loss.set(math.nan)
         self.train_loss.set(math.nan)
         self.last_checkpoint_step.set(-1)
+        self.data_progress.set(-1)
         self.best_checkpoint_step.set(-1)
         self.started.set(time.time())
         self.best_eval = math.nan
         self._server: Any = None
         self._pusher: _Pusher | None = None
+
+    def record_data_preparation(self, rows: int, fraction: float, seconds_left: float) -> None:
+        """Progress of the data preparation (``data_prepare``'s hook), kept below 1 until the data is ready."""
+        self.data_rows.set(rows)
+        self.data_progress.set(min(fraction, 0.999))
+        self.data_eta.set(seconds_left)
+
+    def data_ready(self) -> None:
+        self.data_progress.set(1)
+        self.data_eta.set(0)
 
     def record_eval_loss(self, loss: float) -> None:
         self.eval_loss.set(loss)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import socket
 import time
@@ -69,7 +70,8 @@ from transformers.pytorch_utils import Conv1D
 from finetune_trainer import exit_codes, export
 from finetune_trainer.checkpoint_protocol import CheckpointCallback, CheckpointProtocol
 from finetune_trainer.config import ConfigError, TrainerConfig
-from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, PreparedData, build_datasets, count_real_tokens
+from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, count_real_tokens
+from finetune_trainer.data_store import PreparedData, build_datasets
 from finetune_trainer.distributed import DistContext, Preempted, Preemption
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
 from finetune_trainer.resume import restore_checkpoint
@@ -313,9 +315,16 @@ class RunOutcome:
     reason: str
 
 
-def configure_logging(rank: int) -> None:
+# What each node does for itself (its pulls and its data preparation) is logged by its leader, not only rank 0.
+NODE_LOGGERS = ("finetune_trainer.storage.node_cache", "finetune_trainer.data_prepare", "finetune_trainer.data_store")
+
+
+def configure_logging(rank: int, local_rank: int = 0) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s", force=True)
+    if local_rank == 0:
+        for name in NODE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # boto's per-request INFO lines would drown the training log.
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
@@ -376,7 +385,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     started = time.time()
     store = None
     ctx = DistContext.from_env()
-    configure_logging(ctx.rank)
+    configure_logging(ctx.rank, ctx.local_rank)
     cuda = torch.cuda.is_available()
     preemption = Preemption()
     preemption.install()
@@ -482,7 +491,10 @@ def pull_inputs(config: TrainerConfig, ctx: DistContext, metrics: TrainerMetrics
         on_bytes=metrics.count_s3_bytes,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = build_datasets(config, tokenizer, local_rank=ctx.local_rank, on_bytes=metrics.count_s3_bytes)
+    metrics.record_data_preparation(0, 0.0, math.nan)
+    data = build_datasets(config, tokenizer, local_rank=ctx.local_rank, on_bytes=metrics.count_s3_bytes,
+                          on_progress=metrics.record_data_preparation)
+    metrics.data_ready()
     if config.dataset.format == "chat" and not tokenizer.chat_template:
         # Saved with the model so inference formats conversations exactly as training did.
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
