@@ -36,10 +36,12 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class PulledFile(NamedTuple):
-    """A file in the node cache and the URI it came from (error messages about its rows name the URI)."""
+    """A file in the node cache, the URI it came from (error messages about its rows name the URI) and its ETag
+    there, when the store has one (prepared data is keyed by it)."""
 
     path: Path
     uri: str
+    etag: str | None = None
 
 
 def pull_model(
@@ -123,7 +125,7 @@ def pull_dataset(
             wait_timeout_s=wait_timeout_s,
             name_from=uri,
         )
-        return [PulledFile(folder / o.key, store.uri_for(o.key)) for o in objects]
+        return [PulledFile(folder / o.key, store.uri_for(o.key), o.etag) for o in objects]
     finally:
         store.close()
 
