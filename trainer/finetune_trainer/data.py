@@ -83,8 +83,9 @@ DEFAULT_CHAT_TEMPLATE = (
 TokenArray = npt.NDArray[np.int32]
 # A piece of an example before tokenization: text (or one literal token id) and whether it is trained.
 Segment = tuple[str | int, bool]
-# A data file and the name its rows are reported under (the URI it came from); a bare Path is named by itself.
-DataFile = Path | tuple[Path, str]
+# A data file, the name its rows are reported under (the URI it came from) and its ETag there (storage's
+# PulledFile); a bare Path is named by itself.
+DataFile = Path | tuple[Path, str] | tuple[Path, str, str | None]
 
 
 class DataError(ValueError):
