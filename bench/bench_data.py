@@ -10,9 +10,10 @@ Generated chats (``toy_chat_rows``, about 500 bytes a row) in one JSONL file, a 
 - ``cached``: a rank's start when the prepared data is in the node cache (what a restart or a resume pays), and
   that rank's memory after reading 2,000 items: its private (anonymous) memory, and the file pages it mapped, which
   the page cache shares between the ranks of a node.
-Peak RSS is the process's high-water mark (for ``prepare``, the largest of it and its workers). For the largest
-size the trainer itself then runs twice with two ranks (``bench_trainer``'s worker, 2 steps): a first start, which
-prepares the data, and a restart on the same node cache, each timed from the launch to the end of the first step.
+Peak RSS is the process's high-water mark (for ``prepare``, the largest of it and its workers). For the largest size
+the trainer itself then runs twice with two ranks (``bench_trainer``'s worker, 2 steps): a first start, which
+prepares the data, and a restart on the same node cache, each timed from the launch to the end of the first step;
+and two more nodes share through ``dataset.cache`` on a local SeaweedFS: one prepares and uploads, the other fetches.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def _memory_mb() -> tuple[float, float]:
     return int(fields["RssAnon"].split()[0]) / 1024, int(fields["RssFile"].split()[0]) / 1024
 
 
-def _config(work: Path, seq: int) -> Any:
+def _config(work: Path, seq: int, node: str = "cache", shared: str | None = None) -> Any:
     from finetune_trainer.config import config_from_dict
 
     return config_from_dict({
         "model": {"uri": f"file://{work}/model"},
-        "dataset": {"uri": f"file://{work}/chat.jsonl", "format": "chat"},
+        "dataset": {"uri": f"file://{work}/chat.jsonl", "format": "chat", **({"cache": shared} if shared else {})},
         "output": {"uri": f"file://{work}/out"},
         "training": {"maxSteps": 1, "maxSeqLength": seq, "packing": True},
-        "local": {"cacheDir": str(work / "cache"), "workDir": str(work / "work")},
+        "storage": {"forcePathStyle": True},
+        "local": {"cacheDir": str(work / node), "workDir": str(work / "work")},
     })
 
 
@@ -69,12 +71,13 @@ def _baseline_module() -> Any:
     return module
 
 
-def measure(mode: str, work: Path, seq: int) -> dict[str, float]:
-    """One measurement in this process (run by ``main`` in a fresh one)."""
+def measure(mode: str, work: Path, seq: int, shared: str | None = None) -> dict[str, float]:
+    """One measurement in this process (run by ``main`` in a fresh one); ``share`` and ``fetch`` are two more nodes
+    that use ``shared`` as dataset.cache."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    config = _config(work, seq)
+    config = _config(work, seq, {"share": "node-a", "fetch": "node-b"}.get(mode, "cache"), shared)
     files = [work / "chat.jsonl"]
     anon_before, file_before = _memory_mb()
     started = time.perf_counter()
@@ -96,11 +99,13 @@ def measure(mode: str, work: Path, seq: int) -> dict[str, float]:
     return result
 
 
-def _run(mode: str, work: Path, seq: int) -> dict[str, float]:
+def _run(mode: str, work: Path, seq: int, shared: str | None = None, env: dict[str, str] | None = None
+         ) -> dict[str, float]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-m", "bench.bench_data", "--measure", mode, "--work", str(work),
-                           "--seq", str(seq)], capture_output=True, text=True, env=env, check=False)
+                           "--seq", str(seq), *(["--shared", shared] if shared else [])],
+                          capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -148,16 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shared", help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None and __name__ == "__main__" else argv or [])
     if args.measure:
-        print(json.dumps(measure(args.measure, args.work, args.seq)))
+        print(json.dumps(measure(args.measure, args.work, args.seq, args.shared)))
         return 0
 
     from bench.bench_trainer import print_table
     from finetune_trainer.testing import build_tiny_model, generic_corpus, toy_chat_rows
+    from localcluster.seaweedfs import SeaweedFS
 
     rows: list[tuple[str, ...]] = []
     starts: tuple[str, float, float] = ("", 0.0, 0.0)
+    shared: tuple[str, float, float, float] = ("", 0.0, 0.0, 0.0)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         base = Path(scratch)
         texts = generic_corpus(2000) + [m["content"] for r in toy_chat_rows(2000) for m in r["messages"]]
@@ -180,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             if count == max(int(n) for n in args.rows.split(",")):
                 first, restart = restart_to_first_step(work, args.seq)
                 starts = (f"{count:,}", first, restart)
+                with SeaweedFS(base / "s3") as server:
+                    server.client().create_bucket(Bucket="bench")
+                    share = _run("share", work, args.seq, "s3://bench/prepared", server.env())
+                    fetch = _run("fetch", work, args.seq, "s3://bench/prepared", server.env())
+                shared = (f"{count:,}", cold["seconds"], share["seconds"], fetch["seconds"])
             (work / "chat.jsonl").unlink()
     print_table(
         f"Data preparation, chat with packing at maxSeqLength {args.seq}, {os.cpu_count()} CPUs; goals: first "
@@ -188,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         ("rows", "JSONL", "in-memory, per rank", "prepare, per node", "speed-up", "cached start",
          "rank data memory after 2,000 items"),
         rows,
+    )
+    print_table(
+        f"Sharing through dataset.cache (SeaweedFS on this machine), {shared[0]} rows: each node preparing for itself, "
+        "against one node preparing and uploading and another fetching",
+        ("a node prepares for itself", "one prepares and uploads", "another fetches"),
+        [(f"{shared[1]:.1f} s", f"{shared[2]:.1f} s", f"{shared[3]:.1f} s")],
     )
     print_table(
         f"Two trainer ranks on {starts[0]} rows, launch -> end of the first step (goal: restart <= 15 s)",
