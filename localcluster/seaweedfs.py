@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -297,8 +298,12 @@ class SeaweedFS:
                 )
             try:
                 probe.list_buckets()
-                self.start_seconds = time.monotonic() - began
-                return
+                # The filer answers before the volume server has joined the master; until it has, reads of
+                # stored objects fail with InternalError (seen right after restarts on a loaded machine).
+                if self._volume_server_joined():
+                    self.start_seconds = time.monotonic() - began
+                    return
+                last_error = "no volume server has joined the master yet"
             except (BotoCoreError, ClientError) as error:
                 last_error = str(error)
             time.sleep(0.1)
@@ -306,6 +311,16 @@ class SeaweedFS:
             f"S3 on {self.endpoint_url} did not answer within {START_TIMEOUT_S:.0f} s "
             f"(last error: {last_error})\n{self._log_tail()}"
         )
+
+    def _volume_server_joined(self) -> bool:
+        url = f"http://127.0.0.1:{self._ports['master.port']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                topology = json.loads(response.read()).get("Topology") or {}
+        except (OSError, ValueError):
+            return False
+        return any(rack.get("DataNodes") for center in topology.get("DataCenters") or []
+                   for rack in center.get("Racks") or [])
 
     def _log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
