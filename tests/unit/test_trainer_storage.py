@@ -35,6 +35,7 @@ from finetune_trainer.storage import (
     call_with_retries,
     is_permanent,
     is_transient,
+    node_cache,
     open_store,
     pull_dataset,
     pull_model,
@@ -387,19 +388,29 @@ def test_pull_model_of_an_empty_prefix_is_permanent(tmp_path: Path) -> None:
     assert error.value.permanent
 
 
-def test_other_local_ranks_wait_for_rank_zero(tmp_path: Path) -> None:
+def test_other_local_ranks_wait_for_rank_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_model(tmp_path / "src" / "tiny")
     uri = f"file://{tmp_path}/src/tiny"
     moved, hook = counting()
     results: dict[str, Path] = {}
+    waiting = threading.Event()
+    wait_for_marker = node_cache._wait_for_marker
+
+    def signalled_wait(*args: Any, **kwargs: Any) -> None:
+        waiting.set()
+        wait_for_marker(*args, **kwargs)
+
+    monkeypatch.setattr(node_cache, "_wait_for_marker", signalled_wait)
     waiter = threading.Thread(
         target=lambda: results.setdefault(
             "rank1", pull_model(uri, tmp_path / "cache", local_rank=1, on_bytes=hook, wait_timeout_s=30)
         )
     )
     waiter.start()
-    time.sleep(0.3)
+    assert waiting.wait(10), "local rank 1 never started waiting"
+    # Rank 1 waits for rank 0's marker and has fetched nothing itself.
     assert waiter.is_alive()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
 
     results["rank0"] = pull_model(uri, tmp_path / "cache", local_rank=0)
     waiter.join(10)
