@@ -31,7 +31,11 @@ class PodLogs:
     def lines(self, attempt: int | None, follow: bool) -> Iterator[str]:
         current = self.client.get(self.job).attempt if attempt is None else attempt
         if not follow:
-            yield from self._read(pod_name(self.job, current, self.rank))
+            try:
+                yield from self._read(pod_name(self.job, current, self.rank))
+            except JobNotFound as exc:
+                # A finished job's pods are deleted unless spec.cleanPodPolicy says None.
+                raise JobNotFound(f"{exc} (a finished job keeps its pods only with spec.cleanPodPolicy: None)") from None
             return
         while True:
             pod = pod_name(self.job, current, self.rank)
