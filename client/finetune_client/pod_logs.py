@@ -35,7 +35,8 @@ class PodLogs:
                 yield from self._read(pod_name(self.job, current, self.rank))
             except JobNotFound as exc:
                 # A finished job's pods are deleted unless spec.cleanPodPolicy says None.
-                raise JobNotFound(f"{exc} (a finished job keeps its pods only with spec.cleanPodPolicy: None)") from None
+                kept = "a finished job keeps its pods only with spec.cleanPodPolicy: None"
+                raise JobNotFound(f"{exc} ({kept})") from None
             return
         while True:
             pod = pod_name(self.job, current, self.rank)
