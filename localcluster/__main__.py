@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from localcluster.cluster import LocalCluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def write_user_env(cluster: LocalCluster) -> Path:
+    """A file to source: the kubeconfig, SeaweedFS's endpoint and keys, and a bucket ``ftj run`` writes jobs under.
+
+    The keys go to this file (mode 0600), never to the terminal."""
+    bucket = "finetune"
+    cluster.s3.create_bucket(bucket)
+    variables = {"KUBECONFIG": str(cluster.kubeconfig), **cluster.s3.env(), "FTJ_OUTPUT_PREFIX": f"s3://{bucket}"}
+    path = cluster.work_dir / "env.sh"
+    path.touch(mode=0o600)
+    path.write_text("".join(f"export {key}={shlex.quote(value)}\n" for key, value in variables.items()))
+    return path
 
 
 def up(args: argparse.Namespace) -> int:
@@ -22,7 +40,9 @@ def up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(work_dir, gpus=args.gpus, with_operator=not args.no_operator) as cluster:
+        env_file = write_user_env(cluster)
         print(f"kubeconfig:   {cluster.kubeconfig}    (export KUBECONFIG={cluster.kubeconfig})")
+        print(f"your shell:   source {env_file}    (kubeconfig, S3 endpoint and keys for kubectl, ftj, the client)")
         version = cluster.control_plane.version if cluster.control_plane else "?"
         print(f"API server:   {cluster.url} (Kubernetes {version}; the operator runs as {cluster.operator_identity})")
         print(f"S3 endpoint:  {cluster.s3.endpoint_url}  (credentials in Secret default/{CREDENTIALS_SECRET})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Iterator
@@ -82,6 +83,13 @@ def test_two_ranks_zero2_chat_trains_exports_and_serves_metrics(
     assert result["worldSize"] == 2
     assert result["evalLossAfter"] < result["evalLossBefore"]
     assert result["tokensSeen"] > 0
+    # The history: a training line every logEvery (2) steps, an evaluation at 0, every evalEvery (10) and the end.
+    history = [json.loads(line) for line in setup.s3.get_object(Bucket=setup.bucket, Key="run/history.jsonl")[
+        "Body"].read().decode().splitlines()]
+    assert [e["step"] for e in history if "loss" in e] == list(range(2, 31, 2)), history
+    assert [e["step"] for e in history if "evalLoss" in e] == [0, 10, 20, 30], history
+    assert all(e["tokensPerSecond"] > 0 and e["learningRate"] >= 0 for e in history if "loss" in e), history
+    assert history[-1]["evalLoss"] == pytest.approx(result["evalLossAfter"])
     model_keys = setup.keys("run/model/")
     assert {"run/model/model.safetensors", "run/model/config.json", "run/model/tokenizer.json"} <= set(model_keys)
     load_and_generate(setup.download("run/model/", tmp_path / "exported"))

@@ -22,13 +22,13 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
-    DataError,
     ExampleBuilder,
     MalformedBudget,
     PaddingCollator,
     count_real_tokens,
 )
 from finetune_trainer.data_prepare import ChunkResult, pack_bounds, plan_chunks, tokenize_chunks
+from finetune_trainer.data_rows import DataError
 from finetune_trainer.data_store import build_datasets, packed_item
 from finetune_trainer.testing import build_tiny_model, generic_corpus, pretrain_briefly, toy_chat_rows
 

@@ -49,7 +49,7 @@ def run_rank(config: TrainerConfig) -> tuple[int, str]:
     import torch.distributed as dist
 
     from finetune_trainer import train
-    from finetune_trainer.data import DataError
+    from finetune_trainer.data_rows import DataError
     from finetune_trainer.storage import StorageError
 
     try:

@@ -28,17 +28,14 @@ import numpy.typing as npt
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import (
     IGNORE_INDEX,
-    DataError,
     DataFile,
     DataStats,
     ExampleBuilder,
     MalformedBudget,
-    MalformedRow,
     Segment,
     file_and_name,
-    parquet_row_groups,
-    read_rows,
 )
+from finetune_trainer.data_rows import DataError, MalformedRow, parquet_row_groups, read_rows
 
 log = logging.getLogger(__name__)
 

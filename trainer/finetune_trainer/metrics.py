@@ -251,6 +251,8 @@ class MetricsCallback(TrainerCallback):
         self._last_samples = 0
         self._counted_tokens = 0
         self._counted_samples = 0
+        # Tokens per second of the logging interval that ended last (the history records it too).
+        self.last_tokens_per_second: float | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -281,7 +283,8 @@ class MetricsCallback(TrainerCallback):
             m.train_loss.set(logs["loss"])
             now = time.monotonic()
             elapsed = max(now - self._last_time, 1e-9)
-            m.tokens_per_second.set((self.counter.tokens - self._last_tokens) / elapsed)
+            self.last_tokens_per_second = (self.counter.tokens - self._last_tokens) / elapsed
+            m.tokens_per_second.set(self.last_tokens_per_second)
             m.samples_per_second.set((self.counter.samples - self._last_samples) / elapsed)
             self._reset_rates()
         if "learning_rate" in logs:

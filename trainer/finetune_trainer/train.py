@@ -32,6 +32,8 @@ Features:
   optimizer, scheduler, RNG, data position); SIGTERM saves at the next step boundary within the grace period and
   exits PREEMPTED.
 - **Metrics** (``metrics``): Prometheus endpoint on every rank, Pushgateway pushes from rank 0.
+- **History** (``history``): rank 0's log events (step, loss, eval loss, learning rate, tokens/s, time) in
+  ``<output.uri>/history.jsonl``, uploaded with every checkpoint and at the end.
 - **Export** (``export``): full model, LoRA adapter or merged model to ``<output.uri>/model/``, then
   ``result.json`` with the losses before and after, the best eval loss, steps, tokens and wall time.
 - **Logging**: rank 0 logs at INFO, the other ranks only warnings.
@@ -69,10 +71,12 @@ from transformers.pytorch_utils import Conv1D
 
 from finetune_trainer import exit_codes, export
 from finetune_trainer.checkpoint_protocol import CheckpointCallback, CheckpointProtocol
+from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S
 from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data import DEFAULT_CHAT_TEMPLATE, count_real_tokens
 from finetune_trainer.data_store import PreparedData, build_datasets
 from finetune_trainer.distributed import DistContext, Preempted, Preemption
+from finetune_trainer.history import HistoryCallback
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
 from finetune_trainer.resume import restore_checkpoint
 from finetune_trainer.storage import ObjectStore, open_store, pull_model
@@ -508,6 +512,7 @@ class Training:
     trainer: FineTuneTrainer
     checkpoints: CheckpointProtocol
     early_stopping: EarlyStoppingCallback | None
+    history: HistoryCallback | None
 
 
 def build_trainer(
@@ -519,12 +524,20 @@ def build_trainer(
     metrics: TrainerMetrics,
     extra_callbacks: Sequence[TrainerCallback],
 ) -> Training:
-    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, early stopping, then ``extra_callbacks``."""
-    callbacks: list[TrainerCallback] = [
-        MetricsCallback(metrics, checkpoints.counter),
-        CheckpointCallback(checkpoints),
-        *extra_callbacks,
-    ]
+    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history (rank 0), then
+    ``extra_callbacks`` and early stopping."""
+    metrics_callback = MetricsCallback(metrics, checkpoints.counter)
+    callbacks: list[TrainerCallback] = [metrics_callback, CheckpointCallback(checkpoints)]
+    history = None
+    if checkpoints.ctx.rank == 0:
+        # After the metrics callback (it computes the interval's tokens/s) and the checkpoint's (its SIGTERM deadline).
+        history = HistoryCallback(
+            checkpoints.store,
+            tokens_per_second=lambda: metrics_callback.last_tokens_per_second,
+            preempt_deadline=lambda: checkpoints.preempt_deadline if checkpoints.preempted else None,
+        )
+        callbacks.append(history)
+    callbacks.extend(extra_callbacks)
     early_stopping = None
     if config.training.earlyStopping is not None:
         es = config.training.earlyStopping
@@ -540,7 +553,7 @@ def build_trainer(
         callbacks=callbacks,
         token_counter=checkpoints.counter,
     )
-    return Training(trainer, checkpoints, early_stopping)
+    return Training(trainer, checkpoints, early_stopping, history)
 
 
 def preempted_outcome(checkpoints: CheckpointProtocol) -> RunOutcome:
@@ -573,6 +586,9 @@ def export_and_report(
     final_eval = export.final_evaluation(trainer)
     tokens_seen = export.total_tokens(ctx, training.checkpoints.counter)
     export.export_model(config, trainer, inputs.tokenizer, inputs.model_dir, store, ctx)
+    if training.history is not None:
+        # After the final evaluation, so the last eval loss is in it; before result.json, which marks the end.
+        training.history.finish(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S)
     if ctx.rank == 0:
         export.write_result(
             config,
