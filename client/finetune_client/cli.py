@@ -154,17 +154,25 @@ def command_plot(client: Client, args: argparse.Namespace) -> int:
 
 
 def command_pull(client: Client, args: argparse.Namespace) -> int:
+    """The exported model into DEST, a LoRA adapter merged into its base unless --no-merge keeps it as it is."""
     from finetune_client import chat
 
     dest = Path(args.dest)
-    if not args.merge:
-        client.download_model(args.name, dest)
-        print(f"downloaded the model of {args.name} to {dest}")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="ftj-pull-") as work:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"{dest} exists and is not an empty folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Beside DEST, so the finished folder is renamed into place rather than copied.
+    with tempfile.TemporaryDirectory(prefix=".ftj-pull-", dir=dest.parent) as work:
         exported = client.download_model(args.name, Path(work) / "export")
-        chat.save_merged(exported, lambda: base_model(client, args.name, Path(work)), dest)
-    print(f"downloaded and merged the model of {args.name} into {dest}")
+        adapter = (exported / "adapter_config.json").is_file()
+        if adapter and not args.no_merge:
+            chat.save_merged(exported, lambda: base_model(client, args.name, Path(work)), dest)
+            print(f"downloaded the adapter of {args.name} and merged it into its base model in {dest}")
+            return 0
+        if dest.exists():
+            dest.rmdir()
+        exported.rename(dest)
+    print(f"downloaded the {'adapter' if adapter else 'model'} of {args.name} to {dest}")
     return 0
 
 
@@ -236,7 +244,8 @@ def build_parser() -> OneLineParser:
     pull = add("pull", command_pull, "download the exported model")
     pull.add_argument("name")
     pull.add_argument("dest")
-    pull.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model")
+    pull.add_argument("--no-merge", action="store_true",
+                      help="keep a LoRA adapter as it is (by default it is merged into its base model)")
     chatting = add("chat", command_chat, "answer prompts with the fine-tuned model (uses its chat template)")
     chatting.add_argument("name")
     chatting.add_argument("--prompt", help="answer this one prompt and exit (default: read prompts from stdin)")

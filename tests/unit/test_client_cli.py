@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -143,3 +145,42 @@ def test_terminal_plot_puts_both_series_on_labelled_axes() -> None:
     assert drawn[0].startswith("4.000 |o") and drawn[4].startswith("2.000 |") and drawn[4].endswith("*")
     assert "* train loss" in drawn[-1]
     assert plot.terminal_plot([]) == "no losses logged yet"
+
+
+class AdapterJobClient:
+    """Just what ``ftj pull`` reads of a client: a job whose base model is a local folder, and its adapter export."""
+
+    def __init__(self, base: Path, adapter: Path) -> None:
+        self.base, self.adapter = base, adapter
+
+    def get(self, name: str) -> Any:
+        return SimpleNamespace(spec={"model": {"uri": f"file://{self.base}"}})
+
+    def download_model(self, name: str, dest: Path) -> Path:
+        shutil.copytree(self.adapter, dest)
+        return dest
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_pull_merges_an_adapter_into_its_base_unless_told_not_to(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_client.cli import command_pull
+    from finetune_trainer.testing import build_tiny_model, generic_corpus
+
+    base = build_tiny_model(tmp_path / "base", texts=generic_corpus(200))
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                             LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    adapted.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")  # as the trainer's export does
+    client = AdapterJobClient(base, tmp_path / "adapter")
+
+    assert command_pull(client, SimpleNamespace(name="job", dest=str(tmp_path / "merged"), no_merge=False)) == 0
+    assert command_pull(client, SimpleNamespace(name="job", dest=str(tmp_path / "kept"), no_merge=True)) == 0
+
+    merged = tmp_path / "merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(merged)
+    assert (tmp_path / "kept" / "adapter_config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ftj-pull-")]
