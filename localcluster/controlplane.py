@@ -21,7 +21,9 @@ and the controller manager runs without the endpoint controllers. The kubelet re
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import signal
 import ssl
 import subprocess
@@ -30,6 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from localcluster.kubelet_server import NodeCredentials
 from localcluster.pki import CertificateAuthority, KeyPair, write_kubeconfig, write_signing_key
@@ -73,12 +76,20 @@ class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler, started together and stopped together."""
 
     def __init__(
-        self, work_dir: Path, *, node_names: tuple[str, ...] = ("localnode",), scheduler: bool = True
+        self,
+        work_dir: Path,
+        *,
+        node_names: tuple[str, ...] = ("localnode",),
+        scheduler: bool = True,
+        watch_cache: bool = True,
     ) -> None:
-        """``scheduler=False`` leaves pods unscheduled for tests that bind them (or not) themselves."""
+        """``scheduler=False`` leaves pods unscheduled for tests that bind them (or not) themselves.
+        ``watch_cache=False`` serves every watch from etcd, so a watch resumed from a revision that ``compact_etcd``
+        removed ends with 410 Gone at once (the watch cache would answer it from its own history)."""
         self.work_dir = Path(work_dir).resolve()
         self.node_names = node_names
         self.with_scheduler = scheduler
+        self.watch_cache = watch_cache
         self.bin = control_plane_binaries()
         self.pki_dir = self.work_dir / "pki"
         self.etcd_client_port, self.etcd_peer_port, self.port = free_ports(3)
@@ -232,6 +243,7 @@ class ControlPlane:
             "--allow-privileged=false",
             "--profiling=false",
             f"--cert-dir={pki}",
+            f"--watch-cache={str(self.watch_cache).lower()}",
             "--v=1",
         ])
         context = ssl.create_default_context(cafile=str(self.ca))
@@ -277,6 +289,16 @@ class ControlPlane:
             time.sleep(0.2)
         raise ControlPlaneError(f"{name} was not ready in {START_TIMEOUT_S:.0f} s:\n{self.log_tail(name)}")
 
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to its current revision (returned): every watch resumed from an older
+        resourceVersion is then told 410 Gone, as after a long disconnection in a busy cluster."""
+        etcd = f"http://127.0.0.1:{self.etcd_client_port}/v3/kv"
+        # Any read returns the store's current revision in its header.
+        answer = _post_json(f"{etcd}/range", {"key": base64.b64encode(b"/").decode(), "limit": 1})
+        revision = int(answer["header"]["revision"])
+        _post_json(f"{etcd}/compaction", {"revision": revision, "physical": True})
+        return revision
+
     def kubectl(self, *args: str, input: str | None = None, kubeconfig: Path | None = None) -> str:
         """Run kubectl as the cluster's admin (or the given kubeconfig's identity); stdout, raises on failure."""
         result = subprocess.run(
@@ -286,6 +308,14 @@ class ControlPlane:
         if result.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout
+
+
+def _post_json(url: str, body: object) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,11 +23,17 @@ import yaml
 
 from finetune_operator import constants as c
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.retry_policy import parse_retry_after, request_retry_delay
 
 SERVICE_ACCOUNT_DIR: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
-# Concurrent connections to the API server: plenty for 200 simultaneous reconciles, gentle on a real server.
+# Concurrent requests (and connections) to the API server: plenty for 200 simultaneous reconciles, gentle on a
+# real server. Requests beyond it wait their turn in the client, so a 128-node gang never fans out further.
 DEFAULT_POOL_SIZE: Final = 64
+# Objects per page of a list: a namespace with thousands of pods' events is read in bounded pieces.
+LIST_CHUNK: Final = 500
+# Lists of jobs return only their metadata: the audit needs names and uids, never specs or statuses.
+METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 # Lists are served from the API server's watch cache as it stands (resourceVersion "0"), as an informer reads:
 # at least as new as every watch event the operator has already seen, since both come from that cache. A
@@ -43,7 +50,8 @@ Rule = tuple[str, str, str]
 # kopf itself needs (handlers.kopf_rbac) it is exactly the chart's RBAC: tests/unit/test_operator_rbac.py records
 # the requests reconciles really make and checks both this table and the chart's rendered rules against them.
 API_RBAC: Final[frozenset[Rule]] = frozenset({
-    (c.GROUP, c.PLURAL, "get"),  # get_job: a job triggered before its watch event arrived
+    (c.GROUP, c.PLURAL, "get"),  # get_job: a job triggered before its watch event arrived, or about to get children
+    (c.GROUP, c.PLURAL, "list"),  # list_jobs: which remembered jobs still exist after a watch gap
     (c.GROUP, c.PLURAL, "delete"),  # delete_job: ttlSecondsAfterFinished
     (c.GROUP, f"{c.PLURAL}/status", "patch"),  # patch_job_status: the one status patch of a reconcile
     ("", "pods", "list"),  # list_job_pods
@@ -75,13 +83,15 @@ def peering_rbac(clusterwide: bool) -> frozenset[Rule]:
 
 
 class ApiError(Exception):
-    """An API request failed; ``status`` is the HTTP status (0 when the server could not be reached)."""
+    """An API request failed; ``status`` is the HTTP status (0 when the server could not be reached) and
+    ``retry_after`` the seconds the server asked to wait before trying again, if it said."""
 
-    def __init__(self, verb: str, status: int, message: str) -> None:
+    def __init__(self, verb: str, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{verb} failed ({status or 'unreachable'}): {message}")
         self.verb = verb
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 # ---- credentials ------------------------------------------------------------------------------------------
@@ -210,7 +220,11 @@ def merge_patch_between(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[
 
 
 class KubeApi:
-    """The requests the operator makes; one aiohttp session, re-created with fresh credentials after a 401."""
+    """The requests the operator makes; one aiohttp session, re-created with fresh credentials after a 401.
+
+    At most ``pool_size`` requests are in flight at once; a throttled request (429, or 5xx with Retry-After)
+    waits as the server asks (``retry_policy``) without holding its place, then tries again.
+    """
 
     def __init__(
         self,
@@ -219,14 +233,19 @@ class KubeApi:
         *,
         pool_size: int = DEFAULT_POOL_SIZE,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._connect = connect
         self._metrics = metrics
         self._pool_size = pool_size
+        self._in_flight = asyncio.Semaphore(pool_size)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
         self._lock = asyncio.Lock()
+        self._sleep = sleep
+        self._jitter = jitter
 
     async def _open(self, fresh: bool = False) -> aiohttp.ClientSession:
         async with self._lock:
@@ -257,6 +276,21 @@ class KubeApi:
             if failed:
                 self._metrics.api_errors.labels(verb=verb).inc()
 
+    async def _send(
+        self, verb: str, method: str, path: str, params: Mapping[str, str] | None, data: bytes | None,
+        headers: Mapping[str, str], fresh: bool,
+    ) -> tuple[int, bytes, str | None]:
+        """One try: (status, raw body, Retry-After header); ApiError when the server could not be reached."""
+        async with self._in_flight:
+            session = await self._open(fresh=fresh)
+            try:
+                async with session.request(method, self._server + path, params=params, data=data,
+                                           headers=headers) as response:
+                    return response.status, await response.read(), response.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._count(verb, True)
+                raise ApiError(verb, 0, f"{method} {path}: {exc!r}") from exc
+
     async def request(
         self,
         verb: str,
@@ -266,24 +300,20 @@ class KubeApi:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         ok_statuses: Sequence[int] = (),
     ) -> tuple[int, Any]:
         """(status, parsed body); statuses in ``ok_statuses`` are returned, other errors raise ApiError."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": content_type} if data is not None else {}
-        for attempt in (1, 2):
-            session = await self._open(fresh=attempt == 2)
-            try:
-                async with session.request(method, self._server + path, params=params, data=data,
-                                           headers=headers) as response:
-                    raw = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                self._count(verb, True)
-                raise ApiError(verb, 0, f"{method} {path}: {exc!r}") from exc
-            if status == 401 and attempt == 1:
+        headers = {"Accept": accept, **({"Content-Type": content_type} if data is not None else {})}
+        attempt, relogged = 0, False
+        while True:
+            attempt += 1
+            status, raw, retry_header = await self._send(verb, method, path, params, data, headers, relogged)
+            if status == 401 and not relogged:
                 # Rotated or expired credentials: log in again once.
                 self._count(verb, True)
+                relogged = True
                 continue
             parsed: Any = None
             if raw:
@@ -295,9 +325,28 @@ class KubeApi:
                 self._count(verb, False)
                 return status, parsed
             self._count(verb, True)
+            retry_after = parse_retry_after(retry_header)
+            delay = request_retry_delay(status, retry_after, attempt, self._jitter())
+            if delay is not None:
+                await self._sleep(delay)
+                continue
             message = parsed.get("message", "") if isinstance(parsed, Mapping) else str(parsed)[:500]
-            raise ApiError(verb, status, f"{method} {path}: {message}")
-        raise AssertionError("unreachable")
+            raise ApiError(verb, status, f"{method} {path}: {message}", retry_after)
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str], *, accept: str = "application/json"
+    ) -> list[dict[str, Any]]:
+        """Every item of a list, read in pages of LIST_CHUNK (a continued page names no resourceVersion)."""
+        items: list[dict[str, Any]] = []
+        page: dict[str, str] = {**params, "limit": str(LIST_CHUNK)}
+        while True:
+            _, body = await self.request("list", "GET", path, params=page, accept=accept)
+            items.extend((body or {}).get("items") or [])
+            token = ((body or {}).get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            page = {key: value for key, value in page.items() if key != "resourceVersion"}
+            page["continue"] = str(token)
 
     # ---- paths --------------------------------------------------------------------------------------
 
@@ -317,21 +366,25 @@ class KubeApi:
         status, body = await self.request("get", "GET", self.job_path(namespace, name), ok_statuses=(404,))
         return None if status == 404 else dict(body)
 
+    async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """The metadata of every job in a namespace (None: in all), as etcd holds them now.
+
+        A consistent read, not one from the watch cache: a job missing from it is really gone.
+        """
+        path = self.job_path(namespace) if namespace else f"/apis/{c.GROUP}/{c.VERSION}/{c.PLURAL}"
+        return await self.list_all(path, {}, accept=METADATA_ONLY)
+
     async def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         params = {"labelSelector": f"{c.LABEL_JOB_NAME}={job_name}", **FROM_WATCH_CACHE}
-        _, body = await self.request("list", "GET", self.core_path(namespace, "pods"), params=params)
-        return list((body or {}).get("items") or [])
+        return await self.list_all(self.core_path(namespace, "pods"), params)
 
     async def list_pod_events(self, namespace: str, pod_names: Sequence[str]) -> list[dict[str, Any]]:
-        """Events about these pods (one field-selected list per pod, concurrently)."""
-
-        async def one(name: str) -> list[dict[str, Any]]:
-            params = {"fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={name}", **FROM_WATCH_CACHE}
-            _, body = await self.request("list", "GET", self.core_path(namespace, "events"), params=params)
-            return list((body or {}).get("items") or [])
-
-        results = await asyncio.gather(*(one(name) for name in pod_names))
-        return [event for events in results for event in events]
+        """Events about these pods: one list of the namespace's pod events, however many pods a gang has (a field
+        selector names one object at most)."""
+        wanted = set(pod_names)
+        params = {"fieldSelector": "involvedObject.kind=Pod", **FROM_WATCH_CACHE}
+        events = await self.list_all(self.core_path(namespace, "events"), params)
+        return [e for e in events if (e.get("involvedObject") or {}).get("name") in wanted]
 
     async def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create a core object; the stored object, or None when this owner's object already existed (409).

@@ -1,6 +1,10 @@
 """Thin kopf handlers: watch events of jobs and their pods trigger the reconcile; the operator's own resync task
 reconciles every known job periodically.
 
+Only the operator's pods are watched, selected by the API server (kopf's handler label filters apply in the client,
+after every pod of the cluster has been listed and streamed). The liveness probe fails when the resync task or one
+of kopf's watch tasks has ended, so that Kubernetes restarts an operator that would no longer see changes.
+
 No handler needs a finalizer (kopf adds one for timers, daemons and mandatory deletion handlers): a FineTuneJob
 deleted while the operator is down goes away at once, and the garbage collector removes its children through their
 owner references. Only ``on.event`` handlers watch the jobs, so kopf writes nothing to them either (no finalizer, no
@@ -16,6 +20,7 @@ import os
 import random
 import secrets
 import socket
+from collections.abc import Iterable
 from typing import Any, Final, cast
 
 import kopf
@@ -23,6 +28,7 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import (
     API_RBAC,
+    LIST_CHUNK,
     OWNER_RBAC,
     PEERING_API_GROUP,
     KubeApi,
@@ -41,6 +47,7 @@ MEMO_METRICS = "metrics"
 MEMO_RESYNC = "resync"
 MEMO_IDENTITY = "identity"
 MEMO_PRIORITY = "priority"
+MEMO_WATCHING = "watching"
 PODS = ("", "v1", "pods")
 
 # What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
@@ -105,6 +112,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     if settings.peering is not None:
         kopf_settings.peering.name = settings.peering
         kopf_settings.peering.priority = peering_priority()
+    # Pods are listed and watched only with the operator's label, and every initial list (or relist) comes in pages.
+    kopf_settings.watching.label_selectors[PODS] = c.LABEL_JOB_NAME
+    kopf_settings.watching.chunk_size = LIST_CHUNK
     # Watches reconnect regularly so a silently dropped connection cannot hide events for long.
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
@@ -140,6 +150,20 @@ async def operate(
     )
 
 
+def missing_watches(task_names: Iterable[str], namespaces: Iterable[str]) -> list[str]:
+    """The watches of jobs and pods (per namespace, or cluster-wide) that have no running kopf watcher task.
+
+    kopf names a watcher's task ``watcher for <plural>.<version>[.<group>]@<namespace or None>``.
+    """
+    running = set()
+    for name in task_names:
+        if name.startswith("watcher for "):
+            resource, _, namespace = name.removeprefix("watcher for ").rpartition("@")
+            running.add(f"{resource.split('.', 1)[0]}@{namespace}")
+    wanted = [f"{plural}@{namespace}" for plural in (c.PLURAL, PODS[2]) for namespace in (list(namespaces) or ["None"])]
+    return [watch for watch in wanted if watch not in running]
+
+
 def _reconciler(memo: kopf.Memo) -> Reconciler:
     reconciler: Reconciler = memo[MEMO_RECONCILER]
     return reconciler
@@ -173,6 +197,20 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
                     operator_settings.bind_address, port, ",".join(operator_settings.namespaces) or "all",
                     operator_settings.trainer_image, operator_settings.resync_seconds)
 
+    @kopf.on.probe(id="watching", registry=registry)
+    async def watching(memo: kopf.Memo, **_: Any) -> str:
+        # A PermanentError turns /healthz into a 500 at once (kopf retries other errors first).
+        resync: asyncio.Task[None] | None = memo.get(MEMO_RESYNC)
+        if resync is not None and resync.done():
+            raise kopf.PermanentError("the resync task has ended")
+        started = memo.get(MEMO_WATCHING, False)
+        missing = missing_watches((t.get_name() for t in asyncio.all_tasks()), operator_settings.namespaces)
+        if missing and started:
+            raise kopf.PermanentError(f"kopf's watches ended: {', '.join(missing)}")
+        # Until every watch has started once (kopf starts them after its first scan of the CRDs), none is missing.
+        memo[MEMO_WATCHING] = started or not missing
+        return "ok"
+
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if MEMO_RESYNC in memo:
@@ -188,8 +226,11 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     @kopf.on.event(*JOBS, id="job-event", registry=registry)
     async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # Every job the watch shows (created, edited, or listed when the operator starts) is remembered for the
-        # resync; a new one or a new generation is reconciled now. DELETED forgets it.
+        # resync; a new one or a new generation is reconciled now. DELETED forgets it. A listed job (no event
+        # type) means kopf (re)started its watch: the jobs deleted while it was down are found by an audit.
         reconciler = _reconciler(memo)
+        if event.get("type") is None:
+            reconciler.request_audit()
         if reconciler.job_seen(dict(body), event.get("type")) and not body.meta.get("deletionTimestamp"):
             reconciler.trigger(body.meta.namespace or "default", body.meta.name or "")
 

@@ -9,6 +9,11 @@ Besides watch events and requeues, ``resync_forever`` reconciles every known job
 (progress, events, deadlines nothing watched reports), spread evenly over the period. It is the operator's own task,
 not a kopf timer: kopf would put a finalizer on every job for a timer, and a job deleted while the operator is down
 would then never go away.
+
+Watch gaps: a job deleted while the watch was broken sends no DELETED event. Each resync round after kopf relisted
+the jobs (and every ``AUDIT_SECONDS`` in any case) reads which jobs exist and forgets the others with their metrics
+(``job_presence``); and no reconcile creates children on a remembered body alone: it reads the job first, so a
+requeue or resync that fires before the forgetting creates nothing for a job that is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import copy
 import datetime
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,17 +37,20 @@ from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch
 from finetune_operator.builders import build_event
 from finetune_operator.decide import decide
 from finetune_operator.decision import CreateChild, Decision, DeleteJob, DeletePod
+from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
+from finetune_operator.retry_policy import reconcile_retry_delay
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
 
 log = logging.getLogger(__name__)
 
-# Retry delays after API errors, growing with consecutive failures of the same job.
-ERROR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# The longest the operator goes without checking which remembered jobs still exist (a watch can break silently:
+# kopf reconnects a watch after 70 s without an event, and a relist with no job left in it shows nothing).
+AUDIT_SECONDS = 300.0
 # Appended to status.message when a request of this reconcile failed (quota, admission webhook, ...).
 API_ERROR_MARK = " (API error: "
 # A requeue fires a little after the moment it waits for, so the deadline has surely passed.
@@ -85,6 +94,10 @@ class _JobSlot:
     errors: int = 0
     requeue: asyncio.TimerHandle | None = None
     pods: dict[str, str] = field(default_factory=dict)
+    # When the watch (or a read) last showed the job, on the reconciler's monotonic clock.
+    seen_at: float = 0.0
+    # The body was read from the API server by this reconcile, not remembered from the watch.
+    body_read: bool = False
 
 
 class Reconciler:
@@ -114,6 +127,10 @@ class Reconciler:
         self._rates = StepRateTracker()
         # While paused (kopf peering: another replica works) requeues and resync rounds do nothing.
         self.paused = False
+        # Whether the next resync round checks which jobs still exist (kopf relisted them), and when it last did.
+        self._audit_due = True
+        self._audited_at: float | None = None
+        self._jitter = random.random
 
     async def close(self) -> None:
         for slot in self._slots.values():
@@ -136,16 +153,24 @@ class Reconciler:
         if event_type == "DELETED":
             self.forget(*key)
             return False
-        slot = self._slots.setdefault(key, _JobSlot())
+        slot = self._slot(key)
         uid = metadata.get("uid")
         if slot.uid is not None and uid != slot.uid:
             # The same name now belongs to a new object: nothing remembered applies to it.
             self.forget(*key)
-            slot = self._slots.setdefault(key, _JobSlot())
+            slot = self._slot(key)
         slot.uid = uid
         slot.body = dict(body)
+        slot.body_read = False
+        slot.seen_at = self.monotonic()
         generation = metadata.get("generation")
         return slot.reconciled_generation is None or generation != slot.reconciled_generation
+
+    def _slot(self, key: JobKey) -> _JobSlot:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _JobSlot(seen_at=self.monotonic())
+        return slot
 
     def pod_changed(self, pod: Mapping[str, Any], event_type: str | None = None) -> tuple[str, str] | None:
         """The owning job's (namespace, name) when this pod event may change a decision, else None."""
@@ -180,6 +205,32 @@ class Reconciler:
             if slot.uid:
                 self.metrics.phases.set(slot.uid, None)
                 self._rates.forget(slot.uid)
+
+    def request_audit(self) -> None:
+        """kopf relisted the jobs (a watch started again): the next resync round checks which jobs still exist."""
+        self._audit_due = True
+
+    async def audit_jobs(self) -> list[JobKey]:
+        """Forget every remembered job that no longer exists (deleted while the watch was broken); those forgotten."""
+        listed_from = self.monotonic()
+        self._audit_due = False
+        listed: list[dict[str, Any]] = []
+        try:
+            for namespace in self.settings.namespaces or (None,):
+                listed += await self.api.list_jobs(namespace)
+        except ApiError:
+            self._audit_due = True
+            raise
+        self._audited_at = listed_from
+        remembered = {key: RememberedJob(slot.uid, slot.seen_at) for key, slot in self._slots.items()}
+        gone = jobs_gone(remembered, listed, listed_from)
+        for key in gone:
+            log.info("forgetting %s/%s: it was deleted while the watch was not looking", *key)
+            self.forget(*key)
+        return gone
+
+    def _audit_needed(self) -> bool:
+        return self._audit_due or self._audited_at is None or self.monotonic() - self._audited_at >= AUDIT_SECONDS
 
     def is_settled(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
         """A finished job with nothing left to do needs no resync reconcile until it changes."""
@@ -231,6 +282,11 @@ class Reconciler:
             self.pause()
             return
         self.paused = False
+        if self._audit_needed():
+            try:
+                await self.audit_jobs()
+            except ApiError as exc:
+                log.warning("checking which jobs still exist failed; trying again next round: %s", exc)
         keys = self.known_jobs()
         step = period / max(1, len(keys))
         for index, key in enumerate(keys):
@@ -272,7 +328,7 @@ class Reconciler:
         if body is not None:
             self.job_seen(body)
         key = (namespace, name)
-        slot = self._slots.setdefault(key, _JobSlot())
+        slot = self._slot(key)
         if slot.lock.locked():
             slot.dirty = True
             slot.want_progress = slot.want_progress or want_progress
@@ -285,9 +341,9 @@ class Reconciler:
                 slot.dirty = slot.want_progress = False
                 try:
                     decision = await self._reconcile_once(namespace, name, slot, want_progress=want)
-                except ApiError:
-                    self._schedule(key, slot, ERROR_BACKOFF_SECONDS[min(slot.errors, len(ERROR_BACKOFF_SECONDS) - 1)])
+                except ApiError as error:
                     slot.errors += 1
+                    self._schedule(key, slot, reconcile_retry_delay(slot.errors, error.retry_after, self._jitter()))
                     if first:
                         raise
                     log.warning("reconcile of %s/%s failed; retrying", namespace, name, exc_info=True)
@@ -302,12 +358,14 @@ class Reconciler:
         started = time.perf_counter()
         # Observe: the job (cached from the watch, fetched when unknown), its pods and what is needed of events.
         body = slot.body
+        read_now, slot.body_read = slot.body_read, False
         if body is None:
             body = await self.api.get_job(namespace, name)
             if body is None:
                 self.forget(namespace, name)
                 return None
             self.job_seen(body)
+            read_now = True
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
         if slot.status is not None:
@@ -331,6 +389,9 @@ class Reconciler:
         # Decide.
         now = self.clock()
         decision = decide(body, pods, events, now, self.settings, sample)
+        creates = any(isinstance(a, CreateChild) for a in decision.actions)
+        if creates and not read_now and not await self._still_there(namespace, name, slot):
+            return None
 
         # Act: deletes, then the Service and ConfigMap, then the pods; one status patch; the Events.
         errors = await self._act(body, decision, slot)
@@ -349,6 +410,8 @@ class Reconciler:
             if written is None:
                 self.forget(namespace, name)
                 return decision
+        if self._slots.get((namespace, name)) is not slot:
+            return decision  # forgotten meanwhile (the job is gone): remember nothing of it, metrics included
         slot.status = status
         slot.reconciled_generation = (body.get("metadata") or {}).get("generation")
         await self._emit_events(body, decision, now)
@@ -365,6 +428,25 @@ class Reconciler:
         if errors:
             raise errors[0] if isinstance(errors[0], ApiError) else ApiError("act", 0, str(errors[0]))
         return decision
+
+    async def _still_there(self, namespace: str, name: str, slot: _JobSlot) -> bool:
+        """Whether the remembered job may get children now, read from the API server: the watch may have missed
+        its deletion (forgotten here) or an edit (decided again with the new spec)."""
+        fresh = await self.api.get_job(namespace, name)
+        remembered = (slot.body or {}).get("metadata") or {}
+        if fresh is None:
+            log.info("%s/%s is gone; forgetting it instead of creating its children", namespace, name)
+            self.forget(namespace, name)
+            return False
+        metadata = fresh.get("metadata") or {}
+        self.job_seen(fresh)
+        if metadata.get("uid") != remembered.get("uid"):
+            self.trigger(namespace, name)  # a new job of the same name, with a slot of its own
+            return False
+        if metadata.get("generation") != remembered.get("generation") or metadata.get("deletionTimestamp"):
+            slot.dirty = slot.body_read = True  # the next pass decides on the body just read
+            return False
+        return True
 
     async def _act(self, body: Mapping[str, Any], decision: Decision, slot: _JobSlot) -> list[BaseException]:
         metadata = body.get("metadata") or {}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import kopf
 import pytest
+from kopf._cogs.structs.references import Resource
 
 from finetune_operator import handlers
+from finetune_operator.api import LIST_CHUNK
 from finetune_operator.settings import Settings
 
 
@@ -19,7 +21,7 @@ def test_no_handler_needs_a_finalizer_so_deletion_never_waits_for_the_operator()
         assert registry._indexing.get_all_handlers() == []
         assert {h.id for h in registry._watching.get_all_handlers()} == {"job-event", "pod-event"}
         assert all(not getattr(h, "requires_finalizer", None) for h in registry._watching.get_all_handlers())
-        assert {h.id for h in registry._activities.get_all_handlers()} == {"login", "startup", "cleanup"}
+        assert {h.id for h in registry._activities.get_all_handlers()} == {"login", "startup", "cleanup", "watching"}
 
 
 def test_standalone_operator_does_not_peer() -> None:
@@ -52,3 +54,33 @@ def test_peering_priority_comes_from_the_system_random_source(monkeypatch: pytes
 def test_identities_are_unique_per_process_start() -> None:
     assert handlers.peering_identity() != handlers.peering_identity()
 
+
+
+def test_pods_are_listed_and_watched_with_the_job_label_selected_by_the_server_in_pages() -> None:
+    kopf_settings = kopf.OperatorSettings()
+    handlers.configure_kopf(kopf_settings, Settings())
+    pods = Resource("", "v1", "pods", namespaced=True)
+    jobs = Resource("finetune.dev", "v1alpha1", "finetunejobs", namespaced=True)
+    # kopf puts these into the labelSelector of its LIST and WATCH requests (its handler label filters do not).
+    assert kopf_settings.watching.label_selectors.collect(pods) == ["finetune.dev/job-name"]
+    assert kopf_settings.watching.label_selectors.collect(jobs) == []
+    assert kopf_settings.watching.chunk_size == LIST_CHUNK
+
+
+WATCHERS = ["watcher for finetunejobs.v1alpha1.finetune.dev@None", "watcher for pods.v1@None", "resync"]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "namespaces", "missing"),
+    [
+        pytest.param(WATCHERS, (), [], id="cluster-wide, both watching"),
+        pytest.param(WATCHERS[1:], (), ["finetunejobs@None"], id="the jobs' watcher ended"),
+        pytest.param([], (), ["finetunejobs@None", "pods@None"], id="none started (yet)"),
+        pytest.param(["watcher for finetunejobs.v1alpha1.finetune.dev@a", "watcher for pods.v1@a",
+                      "watcher for pods.v1@b"], ("a", "b"), ["finetunejobs@b"], id="per namespace"),
+        pytest.param(["watcher for namespaces.v1@None", *WATCHERS[1:]], (), ["finetunejobs@None"],
+                     id="other resources do not count"),
+    ],
+)
+def test_missing_watches(tasks: list[str], namespaces: tuple[str, ...], missing: list[str]) -> None:
+    assert handlers.missing_watches(tasks, namespaces) == missing

@@ -100,6 +100,7 @@ class InMemoryApi(KubeApi):
         params: Mapping[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         ok_statuses: Sequence[int] = (),
     ) -> tuple[int, Any]:
         self.requests.append((method, path, params))
@@ -205,6 +206,9 @@ def run_life_of_a_job() -> InMemoryApi:
         for _ in range(3):  # Succeeded, then deleted at once (ttlSecondsAfterFinished 0)
             await step()
         assert (JOBS, "job") not in api.objects
+        # Which remembered jobs still exist (after a watch gap), cluster-wide and in a watched namespace.
+        await reconciler.audit_jobs()
+        await Reconciler(api, Settings(namespaces=("ns",)), OperatorMetrics()).audit_jobs()
         for namespaces in ((), ("team-a",)):
             await PeeringCheck(api, "peering", namespaces, "me", 1)()
         await reconciler.close()

@@ -31,6 +31,9 @@ class FakeApi:
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.job)
 
+    async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(self.job)] if self.job is not None else []
+
     async def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         return [copy.deepcopy(p) for p in self.pods.values()]
 
@@ -319,3 +322,71 @@ def test_resync_pauses_while_another_replica_works() -> None:
 
     asyncio.run(scenario())
     assert [(round(when - begin, 6), name) for when, name, _ in started] == [(0.1, "b")]
+
+# ---- watch gaps: a job deleted or edited while the watch was broken ------------------------------------------
+
+
+def created_gang(reconciler: Reconciler, api: FakeApi) -> None:
+    """The first reconcile of the job (its body from the watch) created the gang; the writes are forgotten."""
+    reconciler.job_seen(copy.deepcopy(api.job or {}))
+    asyncio.run(reconciler.reconcile("ns", "job"))
+    assert sorted(api.pods) == ["job-a0-n0", "job-a0-n1"]
+    api.writes.clear()
+
+
+def test_an_audit_forgets_a_job_deleted_during_a_watch_gap_and_its_metrics() -> None:
+    reconciler, api, clock = make_reconciler(make_job(spec__distributed__nodes=2))
+    created_gang(reconciler, api)
+    assert reconciler.metrics.phases.counts()["Pending"] == 1
+    api.job = None  # deleted; the watch that would have said so was broken
+    clock.seconds += 1
+    assert asyncio.run(reconciler.audit_jobs()) == [("ns", "job")]
+    assert reconciler.known_jobs() == []
+    assert reconciler.metrics.phases.counts()["Pending"] == 0
+
+
+def test_an_audit_keeps_a_job_first_seen_while_the_list_was_being_read() -> None:
+    reconciler, api, clock = make_reconciler(make_job())
+    list_jobs = api.list_jobs
+
+    async def list_while_a_job_arrives(namespace: str | None) -> list[dict[str, Any]]:
+        clock.seconds += 1
+        reconciler.job_seen(named_job("new"))  # its watch event came before the list's answer
+        return await list_jobs(namespace)
+
+    api.list_jobs = list_while_a_job_arrives  # type: ignore[method-assign]
+    assert asyncio.run(reconciler.audit_jobs()) == []
+    assert reconciler.known_jobs() == [("ns", "new")]
+
+
+def test_a_requeue_of_a_job_deleted_unseen_creates_nothing_and_forgets_it() -> None:
+    reconciler, api, _ = make_reconciler(make_job(spec__distributed__nodes=2))
+    created_gang(reconciler, api)
+    api.job = None
+    api.pods.clear()  # the garbage collector removed the children of the deleted job
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job")  # the remembered body would recreate the gang
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert api.writes == []
+    assert reconciler.known_jobs() == []
+    assert reconciler.metrics.phases.counts()["Pending"] == 0
+
+
+def test_a_job_suspended_during_a_watch_gap_is_decided_on_its_new_spec_before_any_create() -> None:
+    reconciler, api, _ = make_reconciler(make_job(spec__distributed__nodes=2))
+    created_gang(reconciler, api)
+    assert api.job is not None
+    api.job["spec"]["suspend"] = True
+    api.job["metadata"]["generation"] = 2
+    api.pods.clear()
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job")
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert not [write for write in api.writes if write.startswith("create Pod")]
+    assert api.job["status"]["phase"] == "Suspended"
