@@ -126,6 +126,8 @@ Row = tuple[str, str, str, str]
 class OperatorBench:
     """The measurements against one control plane and operator: this process plays the user and the kubelet."""
 
+    goals = GOALS
+
     def __init__(self, args: argparse.Namespace, session: aiohttp.ClientSession, operator: OperatorProcess) -> None:
         self.args, self.session, self.operator = args, session, operator
         self.pods_seen: dict[str, set[str]] = defaultdict(set)
@@ -196,10 +198,10 @@ class OperatorBench:
                 latencies.append(self.pod_times[name] - started)
         p50, p99 = statistics.median(latencies), _percentile(latencies, 99)
         return [
-            ("FineTuneJob → all pods exist, p50", f"{p50 * 1000:.1f} ms", f"≤ {GOALS['p50'] * 1000:.0f} ms",
-             "ok" if p50 <= GOALS["p50"] else "MISSED"),
-            ("FineTuneJob → all pods exist, p99", f"{p99 * 1000:.1f} ms", f"≤ {GOALS['p99'] * 1000:.0f} ms",
-             "ok" if p99 <= GOALS["p99"] else "MISSED"),
+            ("FineTuneJob → all pods exist, p50", f"{p50 * 1000:.1f} ms", f"≤ {self.goals['p50'] * 1000:.0f} ms",
+             "ok" if p50 <= self.goals["p50"] else "MISSED"),
+            ("FineTuneJob → all pods exist, p99", f"{p99 * 1000:.1f} ms", f"≤ {self.goals['p99'] * 1000:.0f} ms",
+             "ok" if p99 <= self.goals["p99"] else "MISSED"),
         ]
 
     async def burst(self) -> list[Row]:
@@ -219,8 +221,8 @@ class OperatorBench:
         rows: list[Row] = [
             (f"{burst} jobs at once → all have pods", f"{with_pods:.2f} s", f"(POSTs took {created - started:.2f} s)",
              ""),
-            (f"{burst} jobs at once → all Running", f"{all_running:.2f} s", f"≤ {GOALS['burst']:.0f} s",
-             "ok" if all_running <= GOALS["burst"] else "MISSED"),
+            (f"{burst} jobs at once → all Running", f"{all_running:.2f} s", f"≤ {self.goals['burst']:.0f} s",
+             "ok" if all_running <= self.goals["burst"] else "MISSED"),
             ("  of which: pods patched Running → jobs Running", f"{time.perf_counter() - running_started:.2f} s",
              "", ""),
         ]
@@ -228,8 +230,8 @@ class OperatorBench:
         assert self.operator.process is not None
         rss = psutil.Process(self.operator.process.pid).memory_info().rss / 2**20
         total = self.args.jobs + 1 + burst
-        rows.append((f"operator RSS with {total} jobs", f"{rss:.0f} MB", f"≤ {GOALS['rss']:.0f} MB",
-                     "ok" if rss <= GOALS["rss"] else "MISSED"))
+        rows.append((f"operator RSS with {total} jobs", f"{rss:.0f} MB", f"≤ {self.goals['rss']:.0f} MB",
+                     "ok" if rss <= self.goals["rss"] else "MISSED"))
         return rows
 
     async def lifecycle(self) -> list[Row]:

@@ -118,6 +118,8 @@ PHASE_SUCCEEDED: Final = "Succeeded"
 PHASE_FAILED: Final = "Failed"
 PHASES: Final = (PHASE_PENDING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_SUSPENDED, PHASE_SUCCEEDED, PHASE_FAILED)
 FINISHED_PHASES: Final = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
+# Phases in which a job with nothing left to do waits for a change (a watch event), not for time.
+SETTLED_PHASES: Final = frozenset({PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED})
 
 CONDITION_RUNNING: Final = "Running"
 CONDITION_SUCCEEDED: Final = "Succeeded"

@@ -233,7 +233,7 @@ class Reconciler:
         return self._audit_due or self._audited_at is None or self.monotonic() - self._audited_at >= AUDIT_SECONDS
 
     def is_settled(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
-        """A finished job with nothing left to do needs no resync reconcile until it changes."""
+        """A finished or suspended job with nothing left to do needs no resync reconcile until it changes."""
         slot = self._slots.get((namespace, name))
         generation = (body.get("metadata") or {}).get("generation")
         return slot is not None and slot.settled and slot.reconciled_generation == generation
@@ -416,8 +416,10 @@ class Reconciler:
         slot.reconciled_generation = (body.get("metadata") or {}).get("generation")
         await self._emit_events(body, decision, now)
         self._record_metrics(body, decision, old_status, status, now)
+        # A finished or suspended job with nothing left to do changes only through its own or its pods' watch
+        # events; resyncing it would list its pods every round for nothing.
         slot.settled = (
-            status.get("phase") in c.FINISHED_PHASES and not decision.actions and decision.requeue_after is None
+            status.get("phase") in c.SETTLED_PHASES and not decision.actions and decision.requeue_after is None
         )
         if decision.requeue_after is not None:
             self._schedule((namespace, name), slot, decision.requeue_after + REQUEUE_MARGIN_SECONDS)

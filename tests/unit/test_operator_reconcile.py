@@ -295,6 +295,31 @@ def test_resync_skips_a_job_being_reconciled_and_a_settled_one() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("spec", "status", "settled"),
+    [
+        pytest.param({"suspend": True}, {"phase": "Suspended", "attempt": 0}, True, id="suspended"),
+        pytest.param({}, {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}, True,
+                     id="succeeded"),
+        pytest.param({"ttlSecondsAfterFinished": 600}, {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z",
+                                                        "attempt": 0}, False, id="waiting-for-its-ttl"),
+        pytest.param({}, {"phase": "Pending", "attempt": 0}, False, id="pending"),
+    ],
+)
+def test_only_a_finished_or_suspended_job_with_nothing_to_do_skips_the_resync(
+    spec: dict[str, Any], status: dict[str, Any], settled: bool
+) -> None:
+    job = make_job(status=status, **{f"spec__{key}": value for key, value in spec.items()})
+    reconciler, api, _ = make_reconciler(job)
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job)
+        assert reconciler.is_settled("ns", "job", api.job) is settled
+        await reconciler.close()
+
+    asyncio.run(scenario())
+
+
 def test_resync_pauses_while_another_replica_works() -> None:
     reconciler, _, clock = make_reconciler(make_job())
     reconciler.job_seen(named_job("a"))
