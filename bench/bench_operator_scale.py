@@ -27,11 +27,14 @@ from typing import Any
 
 import aiohttp
 import psutil
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from bench.bench_operator import JOBS, OperatorBench, Row, _job, _operator_metrics, _running, print_table
+from finetune_operator.constants import DEFAULT_PROGRESS_SECONDS
 from localcluster.chart import OPERATOR_USER, install_chart
 from localcluster.controlplane import ControlPlane
 from localcluster.operator_process import OperatorProcess
+from localcluster.seaweedfs import free_ports
 
 GOALS = {"p50": 0.050, "p99": 0.250, "burst": 60.0, "rss": 250.0, "quiet_per_hour": 15.0}
 FLOW = "/apis/flowcontrol.apiserver.k8s.io/v1"
@@ -65,9 +68,19 @@ def _goal(value: float, goal: float) -> str:
 
 
 class ScaleBench(OperatorBench):
-    """``OperatorBench`` with the foreign pods, the request rates and the throttled run."""
+    """``OperatorBench`` with the foreign pods, the request rates and the throttled run. Every pod runs at
+    127.0.0.1, where one fake rank 0 serves progress for all jobs, so the operator reads progress as in a cluster."""
 
     goals = GOALS
+    pod_ip = "127.0.0.1"
+
+    def __init__(self, args: argparse.Namespace, session: aiohttp.ClientSession, operator: OperatorProcess) -> None:
+        super().__init__(args, session, operator)
+        (self.metrics_port,) = free_ports(1)
+        registry = CollectorRegistry()
+        for name, value in (("finetune_step", 10), ("finetune_total_steps", 100), ("finetune_train_loss", 1.5)):
+            Gauge(name, name, ["rank"], registry=registry).labels(rank="0").set(value)
+        self.metrics_server, _ = start_http_server(self.metrics_port, addr="127.0.0.1", registry=registry)
 
     async def post(self, path: str, body: dict[str, Any]) -> None:
         async with self.session.post(path, json=body) as response:
@@ -128,16 +141,24 @@ class ScaleBench(OperatorBench):
                  f"≤ {GOALS['quiet_per_hour']:.0f}", _goal(requests, GOALS["quiet_per_hour"]))]
 
     def job_body(self, name: str) -> dict[str, Any]:
-        return _job(name, self.args.nodes)
+        job = _job(name, self.args.nodes)
+        job["spec"]["metrics"] = {"port": self.metrics_port}
+        return job
 
     async def running_jobs(self) -> list[Row]:
-        requests, writes, cpu = await self.per_job_per_hour(self.args.burst, self.args.window)
+        """The latency jobs run too, then the requests of all running jobs over the window."""
+        latency = [f"lat-{i}" for i in range(self.args.jobs + 1)]
+        await self.run_pods("latency", latency, podIP=self.pod_ip)
+        running = [*latency, *(f"burst-{i}" for i in range(self.args.burst))]
+        await self.until(lambda: all(self.phases.get(n) == "Running" for n in running), 120, "every job Running")
+        await asyncio.sleep(2 * DEFAULT_PROGRESS_SECONDS)  # their first progress read and status write
+        requests, writes, cpu = await self.per_job_per_hour(len(running), self.args.window)
         assert self.operator.process is not None
         rss = psutil.Process(self.operator.process.pid).memory_info().rss / 2**20
         present = self.args.burst + self.args.jobs + 1 + 20
         return [
             ("API requests per running job per hour", f"{requests:.1f}",
-             f"status writes {writes:.1f}/h (none is due: no progress is readable here)", ""),
+             f"of them status writes {writes:.1f} (progress read every {DEFAULT_PROGRESS_SECONDS:.0f} s)", ""),
             (f"operator CPU with {present} jobs and the foreign pods", f"{cpu / self.args.window:.2f} cores",
              f"over {self.args.window:.0f} s", ""),
             (f"operator RSS with {present} jobs and {self.args.foreign_pods:,} foreign pods", f"{rss:.0f} MB",
@@ -192,6 +213,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
             rows += await bench.throttled()
             for watch in bench.watches:
                 await watch.stop()
+            bench.metrics_server.shutdown()
     finally:
         if operator is not None:
             operator.stop()

@@ -254,12 +254,17 @@ class Reconciler:
     def resync_one(self, namespace: str, name: str) -> bool:
         """Start the resync reconcile of one job (reading progress); False when none is needed right now.
 
-        A job whose reconcile runs already is skipped (that one sees the newest state), as is a settled one.
+        A job whose reconcile runs already is skipped (that one sees the newest state), as is a settled one, and a
+        running one whose progress is not due: its pods' changes arrive as watch events and its deadline as a
+        requeue, so a round would only list its pods again.
         """
         slot = self._slots.get((namespace, name))
         if self.paused or slot is None or slot.lock.locked():
             return False
         if slot.body is not None and self.is_settled(namespace, name, slot.body):
+            return False
+        status = slot.status or {}
+        if status.get("phase") == c.PHASE_RUNNING and not self._progress_due(slot, status):
             return False
         self.trigger(namespace, name, want_progress=True)
         return True

@@ -208,6 +208,25 @@ def test_the_timer_reads_progress_of_a_running_job() -> None:
     assert api.job["status"]["progress"] == {"step": 5, "totalSteps": 50, "percent": 10.0, "summary": "5/50 (10%)"}
 
 
+def test_a_running_job_is_resynced_only_when_its_progress_is_due() -> None:
+    running = {"phase": "Running", "attempt": 0, "restarts": 0, "countedFailures": 0, "startTime": "x"}
+    reconciler, api, clock = make_reconciler(make_job(status=running), ProgressSample(step=5, total_steps=50))
+    api.pods = {"job-a0-n0": make_pod(0, 0, "Running", ip="10.1.2.3")}
+    reconciler.job_seen(api.job)
+    started = record_triggers(reconciler, clock)
+
+    async def scenario() -> None:
+        await reconciler.reconcile("ns", "job", api.job, want_progress=True)
+        assert api.job is not None and api.job["status"]["progress"]["step"] == 5
+        assert not reconciler.resync_one("ns", "job")  # progress just read; pod changes come as watch events
+        clock.seconds += reconciler.settings.progress_seconds
+        assert reconciler.resync_one("ns", "job")
+        await reconciler.close()
+
+    asyncio.run(scenario())
+    assert [(name, progress) for _, name, progress in started] == [("job", True)]
+
+
 def test_a_finished_job_settles_and_its_ttl_deletes_it() -> None:
     finished = {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}
     reconciler, api, clock = make_reconciler(make_job(status=finished))
