@@ -1,5 +1,5 @@
-"""Thin kopf handlers: watch events of jobs and their pods trigger the reconcile; the operator's own resync task
-reconciles every known job periodically.
+"""Thin kopf handlers: watch events of jobs, their pods and their Kueue Workloads trigger the reconcile; the
+operator's own resync task reconciles every known job periodically.
 
 No handler needs a finalizer (kopf adds one for timers, daemons and mandatory deletion handlers): a FineTuneJob
 deleted while the operator is down goes away at once, and the garbage collector removes its children through their
@@ -23,6 +23,7 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import (
     API_RBAC,
+    KUEUE_API_RBAC,
     OWNER_RBAC,
     PEERING_API_GROUP,
     KubeApi,
@@ -42,6 +43,7 @@ MEMO_RESYNC = "resync"
 MEMO_IDENTITY = "identity"
 MEMO_PRIORITY = "priority"
 PODS = ("", "v1", "pods")
+WORKLOADS = (c.KUEUE_GROUP, c.KUEUE_VERSION, c.KUEUE_WORKLOADS)
 
 # What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
 # (warnings and errors), watch CRDs to notice the FineTuneJob CRD change (cluster-scoped), and with peering list,
@@ -66,14 +68,25 @@ KOPF_NAMESPACED_RBAC: Final[frozenset[Rule]] = frozenset({
 })
 
 
+# With Kueue: kopf lists and watches the jobs' Workloads (admission and eviction trigger the job's reconcile).
+# Where Kueue's CRDs do not exist, kopf serves no such resource and asks for nothing.
+KOPF_KUEUE_RBAC: Final[frozenset[Rule]] = frozenset({
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "list"),
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "watch"),
+})
+
+
 def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
     plural = "clusterkopfpeerings" if clusterwide else "kopfpeerings"
     return frozenset({(PEERING_API_GROUP, plural, verb) for verb in ("list", "watch", "patch")})
 
 
-def required_rbac(*, clusterwide: bool, peering: bool) -> frozenset[Rule]:
-    """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC."""
+def required_rbac(*, clusterwide: bool, peering: bool, kueue: bool = False) -> frozenset[Rule]:
+    """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC
+    (``kueue`` where Kueue's CRDs exist)."""
     rules = API_RBAC | OWNER_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
+    if kueue:
+        rules |= KUEUE_API_RBAC | KOPF_KUEUE_RBAC
     if not clusterwide:
         rules |= KOPF_NAMESPACED_RBAC
     if peering:
@@ -199,5 +212,12 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
         owner = reconciler.pod_changed(body, event.get("type"))
         if owner is not None:
             reconciler.trigger(*owner)
+
+    @kopf.on.event(*WORKLOADS, id="workload-event", labels={c.LABEL_JOB_NAME: kopf.PRESENT}, registry=registry)
+    async def workload_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Admission, eviction, a deleted Workload: the job named in its label decides what follows.
+        job_name = body.meta.labels.get(c.LABEL_JOB_NAME)
+        if job_name:
+            _reconciler(memo).trigger(body.meta.namespace or "default", job_name)
 
     return registry

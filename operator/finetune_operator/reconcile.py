@@ -19,7 +19,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +28,23 @@ import kopf
 
 from finetune_operator import constants as c
 from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch_between
-from finetune_operator.builders import build_event
+from finetune_operator.builders import build_event, workload_name
 from finetune_operator.decide import decide
-from finetune_operator.decision import CreateChild, Decision, DeleteJob, DeletePod
+from finetune_operator.decision import (
+    CreateChild,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    DeleteWorkload,
+    PatchWorkloadStatus,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
-from finetune_operator.pod_view import observe_pods
+from finetune_operator.pod_view import PodView, observe_pods
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
+from finetune_operator.workload import QueueObservation, observe_workload, placement_of
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +335,11 @@ class Reconciler:
         if want_progress and old_status.get("phase") == c.PHASE_RUNNING and self._progress_due(slot, old_status):
             slot.progress_read_at = self.monotonic()
             sample = await self._read_progress(body, views, str(uid))
+        queue = await observe_queue(self.api, body, views)
 
         # Decide.
         now = self.clock()
-        decision = decide(body, pods, events, now, self.settings, sample)
+        decision = decide(body, pods, events, now, self.settings, sample, queue)
 
         # Act: deletes, then the Service and ConfigMap, then the pods; one status patch; the Events.
         errors = await self._act(body, decision, slot)
@@ -379,6 +388,10 @@ class Reconciler:
         deletes = [self.api.delete("Pod", namespace, a.name) for a in decision.actions if isinstance(a, DeletePod)]
         if any(isinstance(a, DeleteJob) for a in decision.actions):
             deletes.append(self.api.delete_job(namespace, str(metadata.get("name"))))
+        deletes += [self.api.delete_workload(namespace, a.name) for a in decision.actions
+                    if isinstance(a, DeleteWorkload)]
+        deletes += [self.api.patch_workload_status(namespace, a.name, a.patch) for a in decision.actions
+                    if isinstance(a, PatchWorkloadStatus)]
         errors = await gather_actions(deletes)
         creates = [a for a in decision.actions if isinstance(a, CreateChild)]
 
@@ -484,6 +497,31 @@ class Reconciler:
             slot.requeue = None
         if not self.paused:
             self.trigger(namespace, name)
+
+
+async def observe_queue(
+    api: KubeApi, body: Mapping[str, Any], views: Sequence[PodView]
+) -> QueueObservation | None:
+    """For a job with spec.queueName: its Kueue Workload; its WorkloadPriorityClass when the Workload is to be
+    created; the admitted flavors while the gang has pods to create. Nothing is read for other jobs."""
+    spec, metadata = body.get("spec") or {}, body.get("metadata") or {}
+    if not spec.get("queueName"):
+        return None
+    namespace, name = str(metadata.get("namespace") or "default"), str(metadata.get("name"))
+    workload = observe_workload(await api.get_workload(namespace, workload_name(name)))
+    priority_class = spec.get("workloadPriorityClass")
+    if workload is None and priority_class:
+        found = await api.get_workload_priority_class(str(priority_class))
+        value = (found or {}).get("value")
+        return QueueObservation(None, None, value if isinstance(value, int) else 0, found is None)
+    if workload is None or not workload.admitted or workload.evicted:
+        return QueueObservation(workload)
+    attempt = max([int((body.get("status") or {}).get("attempt") or 0), *(view.attempt for view in views)])
+    nodes = int((spec.get("distributed") or {}).get("nodes") or 1)
+    if sum(1 for view in views if view.attempt == attempt and not view.deleting) >= nodes:
+        return QueueObservation(workload)
+    flavors = await asyncio.gather(*(api.get_resource_flavor(flavor) for flavor in workload.flavor_names))
+    return QueueObservation(workload, placement_of(flavor for flavor in flavors if flavor))
 
 
 def _owned_by(pod: Mapping[str, Any], uid: Any) -> bool:

@@ -17,7 +17,7 @@ def test_no_handler_needs_a_finalizer_so_deletion_never_waits_for_the_operator()
         assert registry._spawning.get_all_handlers() == []
         assert registry._changing.get_all_handlers() == []
         assert registry._indexing.get_all_handlers() == []
-        assert {h.id for h in registry._watching.get_all_handlers()} == {"job-event", "pod-event"}
+        assert {h.id for h in registry._watching.get_all_handlers()} == {"job-event", "pod-event", "workload-event"}
         assert all(not getattr(h, "requires_finalizer", None) for h in registry._watching.get_all_handlers())
         assert {h.id for h in registry._activities.get_all_handlers()} == {"login", "startup", "cleanup"}
 
