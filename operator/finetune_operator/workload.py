@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator import constants as c
+from finetune_operator.conditions import upsert_condition
 from finetune_operator.spec import format_time
 
 
@@ -133,17 +134,9 @@ def _with_conditions(workload: WorkloadView, now: datetime.datetime,
     """The Workload's conditions with ``(type, status, reason, message)`` set; lastTransitionTime moves on a flip."""
     conditions = [dict(item) for item in workload.conditions]
     for kind, status, reason, message in changes:
-        text = "True" if status else "False"
-        new = {"type": kind, "status": text, "reason": reason, "message": message[:32768],
-               "lastTransitionTime": format_time(now), "observedGeneration": workload.generation}
-        for index, item in enumerate(conditions):
-            if item.get("type") == kind:
-                if item.get("status") == text and item.get("lastTransitionTime"):
-                    new["lastTransitionTime"] = item["lastTransitionTime"]
-                conditions[index] = new
-                break
-        else:
-            conditions.append(new)
+        upsert_condition(conditions, {"type": kind, "status": "True" if status else "False", "reason": reason,
+                                      "message": message[:32768], "lastTransitionTime": format_time(now),
+                                      "observedGeneration": workload.generation})
     return conditions
 
 
