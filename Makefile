@@ -12,14 +12,14 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-unit test-integration test-e2e venv tools controlplane lint typecheck bench clean
+.PHONY: demo test test-unit test-integration test-e2e venv tools controlplane kueue lint typecheck bench clean
 
 ## demo: run a tiny FineTuneJob end to end on this machine
 demo: $(STAMP) $(TOOLS)/helm controlplane
 	$(PY) -m localcluster demo
 
 ## test: every tier (unit, integration, e2e), plus lint and type checks
-test: $(STAMP) tools controlplane
+test: $(STAMP) tools controlplane kueue
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	scripts/run-pytest tests
@@ -27,7 +27,7 @@ test: $(STAMP) tools controlplane
 test-unit: $(STAMP)
 	scripts/run-pytest tests -m "not integration and not e2e"
 
-test-integration: $(STAMP) tools controlplane
+test-integration: $(STAMP) tools controlplane kueue
 	scripts/run-pytest tests -m integration
 
 test-e2e: $(STAMP) tools controlplane
@@ -51,6 +51,11 @@ $(TOOLS)/helm:
 ## built once into .cache/controlplane/ (about 25 minutes cold on 2 cores; a warm run builds nothing)
 controlplane:
 	scripts/build-controlplane
+
+## kueue: Kueue's manager and CRDs from the sigs.k8s.io/kueue Go module, built once into .cache/kueue/ (about
+## 7 minutes cold on 2 cores; a warm run builds nothing)
+kueue:
+	scripts/build-kueue
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,11 +34,13 @@ def helm_binary() -> str:
     return found
 
 
-def render_chart(values: Sequence[str] = ()) -> str:
-    """The chart's manifests (CRDs included) with ``--set`` values, its Deployment at zero replicas."""
+def render_chart(values: Sequence[str] = (), api_versions: Sequence[str] = ()) -> str:
+    """The chart's manifests (CRDs included) with ``--set`` values, its Deployment at zero replicas, for a cluster
+    that serves ``api_versions`` besides the built-in ones (``kueue.x-k8s.io/v1beta2`` where Kueue is installed)."""
     rendered = subprocess.run(
         [helm_binary(), "template", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--include-crds",
-         "--set", "replicaCount=0", *[arg for value in values for arg in ("--set", value)]],
+         "--set", "replicaCount=0", *[arg for value in values for arg in ("--set", value)],
+         *[arg for version in api_versions for arg in ("--api-versions", version)]],
         capture_output=True, text=True, timeout=120,
     )
     if rendered.returncode != 0:
@@ -47,11 +49,11 @@ def render_chart(values: Sequence[str] = ()) -> str:
 
 
 def install_chart(plane: ControlPlane, kubeconfig: Path, values: Sequence[str] = (),
-                  namespace: str = "default") -> Path:
+                  namespace: str = "default", api_versions: Sequence[str] = ()) -> Path:
     """Apply the chart as admin, wait for the CRD, and write ``kubeconfig`` for the operator's ServiceAccount
     (its default namespace ``namespace``)."""
     plane.kubectl("create", "namespace", OPERATOR_NAMESPACE)
-    plane.kubectl("apply", "--server-side", "-f", "-", input=render_chart(values))
+    plane.kubectl("apply", "--server-side", "-f", "-", input=render_chart(values, api_versions))
     plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
     token = plane.kubectl("create", "token", OPERATOR_SERVICE_ACCOUNT, "-n", OPERATOR_NAMESPACE,
                           "--duration=24h").strip()

@@ -79,6 +79,10 @@ elseif phase == "Failed" then
 elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = join("Suspended", status.message)
+elseif phase == "Queued" then
+  -- Waiting for Kueue to admit the gang: Argo CD shows Kueue-queued Jobs (suspended until admitted) the same way.
+  hs.status = "Suspended"
+  hs.message = join("Queued", true_condition_message(status, "Queued") or status.message)
 elseif phase == "Running" then
   hs.status = "Progressing"
   local detail = progress_text(status)

@@ -41,7 +41,9 @@ METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s
 # 60-90 ms measured here), and a reconcile lists right after writes: it doubled job → pods latency.
 FROM_WATCH_CACHE: Final = {"resourceVersion": "0"}
 
-_PLURALS: Final = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events"}
+_PLURALS: Final = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events",
+                   "Workload": c.KUEUE_WORKLOADS}
+_KUEUE: Final = f"/apis/{c.KUEUE_API_VERSION}"
 
 Rule = tuple[str, str, str]
 """An RBAC permission: (apiGroup, resource, verb)."""
@@ -65,6 +67,16 @@ API_RBAC: Final[frozenset[Rule]] = frozenset({
     ("", "configmaps", "patch"),  # ... and its data replaced for each new attempt
     ("", "events", "list"),  # list_pod_events: FailedScheduling / TriggeredScaleUp of unscheduled pods
     ("", "events", "create"),  # create_event: the job's phase changes
+})
+# With Kueue (spec.queueName), granted by the chart only where Kueue's CRDs exist: the job's Workload and, while
+# the gang is created, the flavors it was admitted to and its WorkloadPriorityClass.
+KUEUE_API_RBAC: Final[frozenset[Rule]] = frozenset({
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "get"),  # get_workload: each reconcile of a queued job; create: whose is it?
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "create"),  # create: the Workload, one pod set for the whole gang
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "delete"),  # delete_workload: suspended, or the gang changed shape
+    (c.KUEUE_GROUP, f"{c.KUEUE_WORKLOADS}/status", "patch"),  # patch_workload_status: Finished, admission cleared
+    (c.KUEUE_GROUP, c.KUEUE_RESOURCE_FLAVORS, "get"),  # get_resource_flavor: node labels and tolerations
+    (c.KUEUE_GROUP, c.KUEUE_PRIORITY_CLASSES, "get"),  # get_workload_priority_class: the Workload's priority
 })
 # Not a request: every child names its job as controller with blockOwnerDeletion (so a foreground delete of the
 # job waits for its pods), and the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift and in
@@ -355,6 +367,14 @@ class KubeApi:
         path = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
         return f"{path}/{quote(name)}" if name else path
 
+    @classmethod
+    def child_path(cls, kind: str, namespace: str, name: str | None = None) -> str:
+        """A child's collection (or the child): core objects, or the job's Kueue Workload."""
+        if kind == "Workload":
+            path = f"{_KUEUE}/namespaces/{quote(namespace)}/{c.KUEUE_WORKLOADS}"
+            return f"{path}/{quote(name)}" if name else path
+        return cls.core_path(namespace, _PLURALS[kind], name)
+
     @staticmethod
     def job_path(namespace: str, name: str | None = None) -> str:
         path = f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{quote(namespace)}/{c.PLURAL}"
@@ -363,8 +383,7 @@ class KubeApi:
     # ---- the operator's requests ---------------------------------------------------------------------
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        status, body = await self.request("get", "GET", self.job_path(namespace, name), ok_statuses=(404,))
-        return None if status == 404 else dict(body)
+        return await self._get(self.job_path(namespace, name))
 
     async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
         """The metadata of every job in a namespace (None: in all), as etcd holds them now.
@@ -394,16 +413,16 @@ class KubeApi:
         collector would delete it under the new job. That raises ApiError, and the reconcile retries.
         """
         metadata = body["metadata"]
-        namespace, plural = metadata["namespace"], _PLURALS[body["kind"]]
+        namespace, kind = metadata["namespace"], body["kind"]
         status, created = await self.request(
-            "create", "POST", self.core_path(namespace, plural), body=body, ok_statuses=(409,)
+            "create", "POST", self.child_path(kind, namespace), body=body, ok_statuses=(409,)
         )
         if status != 409:
             return dict(created or {})
         owner = controller_of(body)
         if owner is None:
             return None
-        path = self.core_path(namespace, plural, metadata["name"])
+        path = self.child_path(kind, namespace, metadata["name"])
         found, existing = await self.request("get", "GET", path, ok_statuses=(404,))
         if found == 404:
             raise ApiError("create", 409, f"{body['kind']} {namespace}/{metadata['name']} was being deleted; retrying")
@@ -461,6 +480,34 @@ class KubeApi:
 
     async def create_event(self, body: Mapping[str, Any]) -> None:
         await self.create(body)
+
+    async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(self.child_path("Workload", namespace, name))
+
+    async def delete_workload(self, namespace: str, name: str) -> bool:
+        status, _ = await self.request("delete", "DELETE", self.child_path("Workload", namespace, name),
+                                       ok_statuses=(404,))
+        return status != 404
+
+    async def patch_workload_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
+        """Merge-patch a Workload's status subresource; False when it is gone. A patch carrying a resourceVersion
+        that is no longer current fails with 409 (the reconcile retries on fresh data)."""
+        status, _ = await self.request(
+            "patch_status", "PATCH", self.child_path("Workload", namespace, name) + "/status", body=patch,
+            content_type="application/merge-patch+json", ok_statuses=(404,),
+        )
+        return status != 404
+
+    async def get_resource_flavor(self, name: str) -> dict[str, Any] | None:
+        return await self._get(f"{_KUEUE}/{c.KUEUE_RESOURCE_FLAVORS}/{quote(name)}")
+
+    async def get_workload_priority_class(self, name: str) -> dict[str, Any] | None:
+        return await self._get(f"{_KUEUE}/{c.KUEUE_PRIORITY_CLASSES}/{quote(name)}")
+
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        """One object, or None when it does not exist."""
+        status, body = await self.request("get", "GET", path, ok_statuses=(404,))
+        return None if status == 404 else dict(body or {})
 
     async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
         """kopf's peering object (cluster-wide when ``namespace`` is None); None when it does not exist."""

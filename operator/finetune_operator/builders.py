@@ -1,4 +1,5 @@
-"""Pure builders of a FineTuneJob's children (headless Service, ConfigMap, one Pod per node) as plain dicts."""
+"""Pure builders of a FineTuneJob's children (headless Service, ConfigMap, one Pod per node, the Kueue Workload) as
+plain dicts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from finetune_operator import constants as c
 from finetune_operator.render import render_trainer_config
 from finetune_operator.spec import FineTuneJob, JobMeta, format_time
+from finetune_operator.workload import Placement
 
 # ---- builders ------------------------------------------------------------------------------------------
 
@@ -68,8 +70,11 @@ def build_worker_env(job: FineTuneJob, rank: int) -> list[dict[str, Any]]:
     return env
 
 
-def build_worker_pod(job: FineTuneJob, rank: int, default_image: str) -> dict[str, Any]:
-    """Pod ``<job>-a<attempt>-n<rank>``: one torchrun per node, restartPolicy Never (the gang restarts as one)."""
+def build_worker_pod(
+    job: FineTuneJob, rank: int, default_image: str, placement: Placement | None = None
+) -> dict[str, Any]:
+    """Pod ``<job>-a<attempt>-n<rank>``: one torchrun per node, restartPolicy Never (the gang restarts as one); with
+    Kueue, the admitted flavors' node labels and tolerations (``placement``) join the job's own."""
     spec = job.spec
     labels = {
         **_base_labels(job, c.COMPONENT_TRAINER),
@@ -126,10 +131,13 @@ def build_worker_pod(job: FineTuneJob, rank: int, default_image: str) -> dict[st
         "containers": [container],
         "volumes": build_volumes(job),
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    node_selector = {**spec.node_selector, **(placement.node_labels if placement else {})}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [dict(t) for t in spec.tolerations]
+    tolerations += [dict(t) for t in (placement.tolerations if placement else ()) if dict(t) not in tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     if spec.affinity:
         pod_spec["affinity"] = json.loads(json.dumps(spec.affinity))
     if spec.priority_class_name:
@@ -141,6 +149,31 @@ def build_worker_pod(job: FineTuneJob, rank: int, default_image: str) -> dict[st
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def build_workload(job: FineTuneJob, default_image: str, priority: int | None = None) -> dict[str, Any]:
+    """Kueue Workload ``finetunejob-<job>``: one pod set of ``distributed.nodes`` pods shaped like the workers, so
+    Kueue admits (and preempts) the whole gang as one unit; ``priority`` is the WorkloadPriorityClass's value."""
+    template = build_worker_pod(job, 0, default_image)
+    pod_spec = {key: value for key, value in template["spec"].items() if key not in ("hostname", "subdomain")}
+    spec: dict[str, Any] = {
+        "queueName": job.spec.queue_name,
+        "podSets": [{
+            "name": c.KUEUE_POD_SET,
+            "count": job.spec.distributed.nodes,
+            "template": {"metadata": {"labels": _base_labels(job, c.COMPONENT_TRAINER)}, "spec": pod_spec},
+        }],
+    }
+    if job.spec.workload_priority_class is not None:
+        spec["priorityClassRef"] = {"group": c.KUEUE_GROUP, "kind": c.KUEUE_PRIORITY_CLASS_KIND,
+                                    "name": job.spec.workload_priority_class}
+        spec["priority"] = priority or 0
+    return {
+        "apiVersion": c.KUEUE_API_VERSION,
+        "kind": "Workload",
+        "metadata": _metadata(job, workload_name(job.name), _base_labels(job, c.COMPONENT_TRAINER)),
+        "spec": spec,
+    }
 
 
 def build_resources(job: FineTuneJob) -> dict[str, Any]:
@@ -227,6 +260,10 @@ def service_name(job_name: str) -> str:
 
 def config_map_name(job_name: str) -> str:
     return f"{job_name}-config"
+
+
+def workload_name(job_name: str) -> str:
+    return f"finetunejob-{job_name}"
 
 
 def pod_name(job_name: str, attempt: int, rank: int) -> str:

@@ -114,9 +114,12 @@ PHASE_PENDING: Final = "Pending"
 PHASE_RUNNING: Final = "Running"
 PHASE_RESTARTING: Final = "Restarting"
 PHASE_SUSPENDED: Final = "Suspended"
+# Waiting in a Kueue queue for admission: no pods until the job's Workload is admitted.
+PHASE_QUEUED: Final = "Queued"
 PHASE_SUCCEEDED: Final = "Succeeded"
 PHASE_FAILED: Final = "Failed"
-PHASES: Final = (PHASE_PENDING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_SUSPENDED, PHASE_SUCCEEDED, PHASE_FAILED)
+PHASES: Final = (PHASE_PENDING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_SUSPENDED, PHASE_QUEUED, PHASE_SUCCEEDED,
+                 PHASE_FAILED)
 FINISHED_PHASES: Final = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
 # Phases in which a job with nothing left to do waits for a change (a watch event), not for time.
 SETTLED_PHASES: Final = frozenset({PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED})
@@ -127,6 +130,8 @@ CONDITION_FAILED: Final = "Failed"
 CONDITION_SUSPENDED: Final = "Suspended"
 CONDITION_WAITING_FOR_CAPACITY: Final = "WaitingForCapacity"
 CONDITION_INVALID_SPEC: Final = "InvalidSpec"
+# True while the job's Kueue Workload waits for admission, with Kueue's reason and message.
+CONDITION_QUEUED: Final = "Queued"
 # True while the API server refuses to create the gang's pods (admission, validation, quota); its
 # lastTransitionTime is when the refusals began.
 CONDITION_POD_CREATE_FAILED: Final = "PodCreateFailed"
@@ -159,6 +164,12 @@ REASON_POD_REJECTED: Final = "PodRejected"
 # ... or for now (a missing PriorityClass or ServiceAccount, quota, RBAC): retried until startupDeadlineSeconds.
 REASON_FAILED_CREATE: Final = "FailedCreate"
 REASON_PODS_CREATED: Final = "PodsCreated"
+# Kueue: the Workload was created and waits for Kueue's first word, was admitted, or was evicted (Kueue's own
+# eviction reason, e.g. Preempted, is in the message); the Workload's PriorityClass is missing.
+REASON_WORKLOAD_CREATED: Final = "WorkloadCreated"
+REASON_ADMITTED: Final = "Admitted"
+REASON_EVICTED: Final = "Evicted"
+REASON_PRIORITY_CLASS_NOT_FOUND: Final = "WorkloadPriorityClassNotFound"
 
 # Scheduler and cluster-autoscaler event reasons that mean "no room for the pod yet".
 CAPACITY_EVENT_REASONS: Final = frozenset({"FailedScheduling", "TriggeredScaleUp", "NotTriggerScaleUp"})
@@ -189,6 +200,27 @@ CONDITION_DISRUPTION_TARGET: Final = "DisruptionTarget"
 EVENT_NORMAL: Final = "Normal"
 EVENT_WARNING: Final = "Warning"
 EVENT_COMPONENT: Final = "finetune-operator"
+
+# ---- Kueue (kueue.x-k8s.io/v1beta2): the Workload the operator creates for a job with spec.queueName ---------
+KUEUE_GROUP: Final = "kueue.x-k8s.io"
+KUEUE_VERSION: Final = "v1beta2"
+KUEUE_API_VERSION: Final = f"{KUEUE_GROUP}/{KUEUE_VERSION}"
+KUEUE_WORKLOADS: Final = "workloads"
+KUEUE_RESOURCE_FLAVORS: Final = "resourceflavors"
+KUEUE_PRIORITY_CLASSES: Final = "workloadpriorityclasses"
+KUEUE_PRIORITY_CLASS_KIND: Final = "WorkloadPriorityClass"
+# The one pod set of a job's Workload: every node of the gang.
+KUEUE_POD_SET: Final = "trainer"
+# Workload condition types and the reasons Kueue's own job integrations write.
+WORKLOAD_QUOTA_RESERVED: Final = "QuotaReserved"
+WORKLOAD_ADMITTED: Final = "Admitted"
+WORKLOAD_EVICTED: Final = "Evicted"
+WORKLOAD_FINISHED: Final = "Finished"
+WORKLOAD_REQUEUED: Final = "Requeued"
+WORKLOAD_PENDING_REASON: Final = "Pending"
+WORKLOAD_NO_RESERVATION_REASON: Final = "NoReservation"
+# Evictions after which Kueue's integrations mark the Workload Requeued (it queues again at once).
+WORKLOAD_REQUEUED_EVICTIONS: Final = frozenset({"Preempted", "NodeFailures"})
 
 # ---- operator settings (the Helm chart sets exactly these) -----------------------------------------------
 ENV_NAMESPACES: Final = "FINETUNE_NAMESPACES"

@@ -3,9 +3,10 @@
 ``decide`` is a pure function (no client, no clock) written as one flat list of steps, in the order of
 kubernetes-sigs/jobset's reconcile: observe the pods, accept the spec (``invalid_spec_policy``), then run the
 policies of ``POLICIES`` in turn, each in its own module (finished jobs and their TTL, older attempts' pods,
-suspension, success, gang failure, the active deadline, restart backoff, refused pod creates, the startup deadline,
-capacity); the first that completes the decision ends it. Otherwise the missing children of the gang are created
-and Running and the progress recorded.
+suspension, success, Kueue admission, gang failure, the active deadline, restart backoff, refused pod creates, the
+startup deadline, capacity); the first that completes the decision ends it. Otherwise the missing children of the
+gang are created and Running and the progress recorded. Last, a Kueue Workload follows the job (Finished, or
+deleted on suspend).
 The status it returns is the whole next status; the caller writes it in one patch when it differs.
 """
 
@@ -34,10 +35,12 @@ from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import fail_on_refused_creates
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
+from finetune_operator.queue_policy import release_workload, wait_for_admission
 from finetune_operator.spec import parse_meta
 from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
 from finetune_operator.ttl_after_finished import keep_finished
+from finetune_operator.workload import QueueObservation
 
 __all__ = ["CreateChild", "Decision", "DecideSettings", "EventToEmit", "decide"]
 
@@ -57,17 +60,21 @@ def _create_gang(observed: ObservedJob, draft: DecisionDraft, trainer_image: str
     Pending when it was new, suspended or restarting."""
     job, status = observed.job, draft.status
     if observed.missing:
+        placement = observed.queue.placement
         draft.actions.append(CreateChild(build_service(job)))
         draft.actions.append(CreateChild(build_config_map(job), update_existing=True))
-        draft.actions += [CreateChild(build_worker_pod(job, rank, trainer_image)) for rank in observed.missing]
+        draft.actions += [CreateChild(build_worker_pod(job, rank, trainer_image, placement))
+                          for rank in observed.missing]
     status.clear_time("restartAfter")
-    if status.phase not in (None, c.PHASE_SUSPENDED, c.PHASE_RESTARTING):
+    if status.phase not in (None, c.PHASE_SUSPENDED, c.PHASE_RESTARTING, c.PHASE_QUEUED):
         return
     if status.phase == c.PHASE_SUSPENDED:
         reason, verb = c.REASON_RESUMED, "Resumed"
         status.clear_condition(c.CONDITION_SUSPENDED, c.REASON_RESUMED, "spec.suspend is false")
     elif status.phase == c.PHASE_RESTARTING:
         reason, verb = c.REASON_RESTARTED, "Restarted"
+    elif status.phase == c.PHASE_QUEUED:
+        reason, verb = c.REASON_ADMITTED, "Admitted"
     else:
         reason, verb = c.REASON_CREATED, "Created"
     status.enter(c.PHASE_PENDING, reason,
@@ -115,6 +122,9 @@ POLICIES: tuple[Policy, ...] = (
     suspend,
     # Success: node rank 0 finished training and exported the model.
     finish_on_success,
+    # Kueue (spec.queueName): no pods until the Workload is admitted; an eviction stops the gang, which comes back
+    # as the next attempt (not counted) once Kueue admits it again.
+    wait_for_admission,
     # Gang failure: a failed pod fails the attempt, and so does a pod that vanished after the gang started (the
     # surviving ranks cannot re-rendezvous with a replacement). Permanent errors fail the job; the rest restart
     # it, counted against backoffLimit unless the platform caused them.
@@ -142,8 +152,10 @@ def decide(
     now: datetime.datetime,
     settings: DecideSettings,
     sample: ProgressSample | None = None,
+    queue: QueueObservation | None = None,
 ) -> Decision:
-    """What to do next for one FineTuneJob (the raw object, its labelled pods, those pods' Events)."""
+    """What to do next for one FineTuneJob (the raw object, its labelled pods, those pods' Events, and with
+    spec.queueName its Kueue Workload)."""
     # A job being deleted is left to the garbage collector, which removes its children.
     if parse_meta(job).deleting:
         return Decision((), dict(job.get("status") or {}))
@@ -153,13 +165,16 @@ def decide(
     if parsed is None:
         return draft.decision()
     # The current attempt and its pods, then the policies in order.
-    observed = observe_job(parsed, draft.status, draft.pods, events, sample)
+    observed = observe_job(parsed, draft.status, draft.pods, events, sample, queue, settings.trainer_image)
     for policy in POLICIES:
         if policy(observed, draft):
-            return draft.decision()
-    # Nothing stands in the way: create what is missing of the gang (names are deterministic, so creating is
-    # idempotent), then record Running and the progress.
-    _create_gang(observed, draft, settings.trainer_image)
-    _record_running(observed, draft)
-    _record_progress(observed, draft)
+            break
+    else:
+        # Nothing stands in the way: create what is missing of the gang (names are deterministic, so creating is
+        # idempotent), then record Running and the progress.
+        _create_gang(observed, draft, settings.trainer_image)
+        _record_running(observed, draft)
+        _record_progress(observed, draft)
+    # Kueue: a finished job frees its quota at once, a suspended one leaves the queue.
+    release_workload(observed, draft)
     return draft.decision()

@@ -15,6 +15,7 @@ from finetune_operator.job_status import EventToEmit, JobStatus
 from finetune_operator.pod_view import PodView
 from finetune_operator.progress import ProgressSample
 from finetune_operator.spec import FineTuneJob, JobSpec, parse_meta
+from finetune_operator.workload import QueueObservation
 
 # ---- what decide returns ---------------------------------------------------------------------------------
 
@@ -47,7 +48,22 @@ class DeleteJob:
     """Delete the FineTuneJob itself (ttlSecondsAfterFinished); its children go with it."""
 
 
-Action = CreateChild | DeletePod | DeleteJob
+@dataclass(frozen=True)
+class DeleteWorkload:
+    """Delete the job's Kueue Workload (404 is success): the job left its queue, or its gang changed shape."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class PatchWorkloadStatus:
+    """Merge-patch the Kueue Workload's status (conditional on the resourceVersion the patch carries)."""
+
+    name: str
+    patch: Mapping[str, Any]
+
+
+Action = CreateChild | DeletePod | DeleteJob | DeleteWorkload | PatchWorkloadStatus
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,10 @@ class ObservedJob:
     missing: tuple[int, ...]
     events: Sequence[Mapping[str, Any]] = ()
     sample: ProgressSample | None = None
+    # With spec.queueName: the Kueue Workload and what was read for it.
+    queue: QueueObservation = field(default_factory=QueueObservation)
+    # The image of pods whose spec names none (the operator's setting).
+    trainer_image: str = ""
 
     @property
     def spec(self) -> JobSpec:
@@ -86,6 +106,8 @@ def observe_job(
     pods: Sequence[PodView],
     events: Sequence[Mapping[str, Any]] = (),
     sample: ProgressSample | None = None,
+    queue: QueueObservation | None = None,
+    trainer_image: str = "",
 ) -> ObservedJob:
     """The job on its current attempt: the status's, or a newer one whose pods exist (a status write that was
     lost), which the status then records. ``current`` are that attempt's pods by rank, ``stale`` the others',
@@ -101,6 +123,8 @@ def observe_job(
         missing=tuple(rank for rank in range(parsed.spec.distributed.nodes) if rank not in present),
         events=events,
         sample=sample,
+        queue=queue or QueueObservation(),
+        trainer_image=trainer_image,
     )
 
 

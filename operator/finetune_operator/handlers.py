@@ -1,5 +1,5 @@
-"""Thin kopf handlers: watch events of jobs and their pods trigger the reconcile; the operator's own resync task
-reconciles every known job periodically.
+"""Thin kopf handlers: watch events of jobs, their pods and their Kueue Workloads trigger the reconcile; the
+operator's own resync task reconciles every known job periodically.
 
 Only the operator's pods are watched, selected by the API server (kopf's handler label filters apply in the client,
 after every pod of the cluster has been listed and streamed). The liveness probe fails when the resync task or one
@@ -28,6 +28,7 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import (
     API_RBAC,
+    KUEUE_API_RBAC,
     LIST_CHUNK,
     OWNER_RBAC,
     PEERING_API_GROUP,
@@ -49,6 +50,7 @@ MEMO_IDENTITY = "identity"
 MEMO_PRIORITY = "priority"
 MEMO_WATCHING = "watching"
 PODS = ("", "v1", "pods")
+WORKLOADS = (c.KUEUE_GROUP, c.KUEUE_VERSION, c.KUEUE_WORKLOADS)
 
 # What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
 # (warnings and errors), watch CRDs to notice the FineTuneJob CRD change (cluster-scoped), and with peering list,
@@ -73,14 +75,25 @@ KOPF_NAMESPACED_RBAC: Final[frozenset[Rule]] = frozenset({
 })
 
 
+# With Kueue: kopf lists and watches the jobs' Workloads (admission and eviction trigger the job's reconcile).
+# Where Kueue's CRDs do not exist, kopf serves no such resource and asks for nothing.
+KOPF_KUEUE_RBAC: Final[frozenset[Rule]] = frozenset({
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "list"),
+    (c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "watch"),
+})
+
+
 def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
     plural = "clusterkopfpeerings" if clusterwide else "kopfpeerings"
     return frozenset({(PEERING_API_GROUP, plural, verb) for verb in ("list", "watch", "patch")})
 
 
-def required_rbac(*, clusterwide: bool, peering: bool) -> frozenset[Rule]:
-    """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC."""
+def required_rbac(*, clusterwide: bool, peering: bool, kueue: bool = False) -> frozenset[Rule]:
+    """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC
+    (``kueue`` where Kueue's CRDs exist)."""
     rules = API_RBAC | OWNER_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
+    if kueue:
+        rules |= KUEUE_API_RBAC | KOPF_KUEUE_RBAC
     if not clusterwide:
         rules |= KOPF_NAMESPACED_RBAC
     if peering:
@@ -112,8 +125,10 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     if settings.peering is not None:
         kopf_settings.peering.name = settings.peering
         kopf_settings.peering.priority = peering_priority()
-    # Pods are listed and watched only with the operator's label, and every initial list (or relist) comes in pages.
+    # Pods and Kueue Workloads are listed and watched only with the operator's label (other teams' Workloads are
+    # none of its business), and every initial list (or relist) comes in pages.
     kopf_settings.watching.label_selectors[PODS] = c.LABEL_JOB_NAME
+    kopf_settings.watching.label_selectors[WORKLOADS] = c.LABEL_JOB_NAME
     kopf_settings.watching.chunk_size = LIST_CHUNK
     # Watches reconnect regularly so a silently dropped connection cannot hide events for long.
     kopf_settings.watching.server_timeout = 300
@@ -240,5 +255,12 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
         owner = reconciler.pod_changed(body, event.get("type"))
         if owner is not None:
             reconciler.trigger(*owner)
+
+    @kopf.on.event(*WORKLOADS, id="workload-event", labels={c.LABEL_JOB_NAME: kopf.PRESENT}, registry=registry)
+    async def workload_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Admission, eviction, a deleted Workload: the job named in its label decides what follows.
+        job_name = body.meta.labels.get(c.LABEL_JOB_NAME)
+        if job_name:
+            _reconciler(memo).trigger(body.meta.namespace or "default", job_name)
 
     return registry

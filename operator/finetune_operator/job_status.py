@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune_operator import constants as c
 from finetune_operator.builders import checkpoint_uri
+from finetune_operator.conditions import upsert_condition
 from finetune_operator.progress import ProgressSample, format_eta, format_summary
 from finetune_operator.spec import format_time, parse_time
 
@@ -88,16 +89,9 @@ class JobStatus:
         """Add or update a condition; lastTransitionTime moves only when the status flips."""
         conditions = list(self.data.get("conditions") or [])
         text = "True" if status else "False"
-        new = {"type": kind, "status": text, "reason": reason, "message": message,
-               "lastTransitionTime": format_time(self.now), "observedGeneration": self.generation}
-        for i, item in enumerate(conditions):
-            if item.get("type") == kind:
-                if item.get("status") == text and item.get("lastTransitionTime"):
-                    new["lastTransitionTime"] = item["lastTransitionTime"]
-                conditions[i] = new
-                break
-        else:
-            conditions.append(new)
+        upsert_condition(conditions, {"type": kind, "status": text, "reason": reason, "message": message,
+                                      "lastTransitionTime": format_time(self.now),
+                                      "observedGeneration": self.generation})
         self.data["conditions"] = conditions
 
     def clear_condition(self, kind: str, reason: str, message: str) -> None:

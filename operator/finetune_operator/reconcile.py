@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,17 +34,25 @@ import kopf
 
 from finetune_operator import constants as c
 from finetune_operator.api import ApiError, KubeApi, gather_actions, merge_patch_between
-from finetune_operator.builders import build_event
+from finetune_operator.builders import build_event, workload_name
 from finetune_operator.decide import decide
-from finetune_operator.decision import CreateChild, Decision, DeleteJob, DeletePod
+from finetune_operator.decision import (
+    CreateChild,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    DeleteWorkload,
+    PatchWorkloadStatus,
+)
 from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
-from finetune_operator.pod_view import observe_pods
+from finetune_operator.pod_view import PodView, observe_pods
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
 from finetune_operator.retry_policy import reconcile_retry_delay
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
+from finetune_operator.workload import QueueObservation, observe_workload, placement_of
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +262,8 @@ class Reconciler:
     def resync_one(self, namespace: str, name: str) -> bool:
         """Start the resync reconcile of one job (reading progress); False when none is needed right now.
 
-        A job whose reconcile runs already is skipped (that one sees the newest state), as is a settled one, and a
+        A job whose reconcile runs already is skipped (that one sees the newest state), as is a settled one, a
+        queued one (Kueue's admission arrives as a Workload watch event; no deadline runs while queued), and a
         running one whose progress is not due: its pods' changes arrive as watch events and its deadline as a
         requeue, so a round would only list its pods again.
         """
@@ -264,6 +273,8 @@ class Reconciler:
         if slot.body is not None and self.is_settled(namespace, name, slot.body):
             return False
         status = slot.status or {}
+        if status.get("phase") == c.PHASE_QUEUED:
+            return False
         if status.get("phase") == c.PHASE_RUNNING and not self._progress_due(slot, status):
             return False
         self.trigger(namespace, name, want_progress=True)
@@ -390,10 +401,11 @@ class Reconciler:
         if want_progress and old_status.get("phase") == c.PHASE_RUNNING and self._progress_due(slot, old_status):
             slot.progress_read_at = self.monotonic()
             sample = await self._read_progress(body, views, str(uid))
+        queue = await observe_queue(self.api, body, views)
 
         # Decide.
         now = self.clock()
-        decision = decide(body, pods, events, now, self.settings, sample)
+        decision = decide(body, pods, events, now, self.settings, sample, queue)
         creates = any(isinstance(a, CreateChild) for a in decision.actions)
         if creates and not read_now and not await self._still_there(namespace, name, slot):
             return None
@@ -468,6 +480,10 @@ class Reconciler:
         deletes = [self.api.delete("Pod", namespace, a.name) for a in decision.actions if isinstance(a, DeletePod)]
         if any(isinstance(a, DeleteJob) for a in decision.actions):
             deletes.append(self.api.delete_job(namespace, str(metadata.get("name"))))
+        deletes += [self.api.delete_workload(namespace, a.name) for a in decision.actions
+                    if isinstance(a, DeleteWorkload)]
+        deletes += [self.api.patch_workload_status(namespace, a.name, a.patch) for a in decision.actions
+                    if isinstance(a, PatchWorkloadStatus)]
         errors = await gather_actions(deletes)
         creates = [a for a in decision.actions if isinstance(a, CreateChild)]
 
@@ -573,6 +589,31 @@ class Reconciler:
             slot.requeue = None
         if not self.paused:
             self.trigger(namespace, name)
+
+
+async def observe_queue(
+    api: KubeApi, body: Mapping[str, Any], views: Sequence[PodView]
+) -> QueueObservation | None:
+    """For a job with spec.queueName: its Kueue Workload; its WorkloadPriorityClass when the Workload is to be
+    created; the admitted flavors while the gang has pods to create. Nothing is read for other jobs."""
+    spec, metadata = body.get("spec") or {}, body.get("metadata") or {}
+    if not spec.get("queueName"):
+        return None
+    namespace, name = str(metadata.get("namespace") or "default"), str(metadata.get("name"))
+    workload = observe_workload(await api.get_workload(namespace, workload_name(name)))
+    priority_class = spec.get("workloadPriorityClass")
+    if workload is None and priority_class:
+        found = await api.get_workload_priority_class(str(priority_class))
+        value = (found or {}).get("value")
+        return QueueObservation(None, None, value if isinstance(value, int) else 0, found is None)
+    if workload is None or not workload.admitted or workload.evicted:
+        return QueueObservation(workload)
+    attempt = max([int((body.get("status") or {}).get("attempt") or 0), *(view.attempt for view in views)])
+    nodes = int((spec.get("distributed") or {}).get("nodes") or 1)
+    if sum(1 for view in views if view.attempt == attempt and not view.deleting) >= nodes:
+        return QueueObservation(workload)
+    flavors = await asyncio.gather(*(api.get_resource_flavor(flavor) for flavor in workload.flavor_names))
+    return QueueObservation(workload, placement_of(flavor for flavor in flavors if flavor))
 
 
 def _owned_by(pod: Mapping[str, Any], uid: Any) -> bool:

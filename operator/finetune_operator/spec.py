@@ -20,6 +20,8 @@ from typing import Any
 from finetune_operator import constants as c
 from finetune_operator.spec_checks import CHECKS, check_name, check_spec, uris_overlap
 from finetune_operator.spec_reader import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
     HTTP_URL,
     SHA256,
     URI,
@@ -207,6 +209,9 @@ class JobSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     storage: StorageSpec = field(default_factory=StorageSpec)
     suspend: bool = spec_field(False)
+    # Kueue: the LocalQueue the job waits in for admission of its whole gang, and the priority it waits with.
+    queue_name: str | None = spec_field(None, pattern=DNS_LABEL, max_length=63)
+    workload_priority_class: str | None = spec_field(None, pattern=DNS_SUBDOMAIN, max_length=253)
     backoff_limit: int = spec_field(3, minimum=0, maximum=1000)
     retryable_exit_codes: frozenset[int] = frozenset()
     restart_backoff: RestartBackoffSpec = field(default_factory=RestartBackoffSpec)

@@ -27,7 +27,8 @@ CHECKS: Final = (
     "spec.env: no reserved name, no duplicate name, not both value and valueFrom",
     "spec.tolerations[i]: operator Exists takes no value",
     "the CEL rules again (epochs xor maxSteps, lora only with method lora, export vs method, offload vs zeroStage,"
-    " earlyStopping needs evalEvery, evalSplit xor evalUri, procsPerNode <= gpus, backoff initial <= max)",
+    " earlyStopping needs evalEvery, evalSplit xor evalUri, procsPerNode <= gpus, backoff initial <= max,"
+    " workloadPriorityClass needs queueName)",
 )
 
 MAX_WORLD_SIZE: Final = 1024
@@ -80,6 +81,8 @@ def check_cel_rules(spec: JobSpec) -> None:
         )
     if spec.restart_backoff.initial_seconds > spec.restart_backoff.max_seconds:
         raise InvalidSpecError("spec.restartBackoff.initialSeconds", "cannot exceed restartBackoff.maxSeconds")
+    if spec.workload_priority_class is not None and spec.queue_name is None:
+        raise InvalidSpecError("spec.workloadPriorityClass", "needs queueName: it orders the job in a Kueue queue")
 
 
 def check_sizes(spec: JobSpec) -> None:

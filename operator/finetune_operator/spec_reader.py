@@ -21,9 +21,14 @@ T = TypeVar("T")
 URI: Final = re.compile(r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*)$")
 HTTP_URL: Final = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 SHA256: Final = re.compile(r"^[a-f0-9]{64}$")
+# Kubernetes object names: a LocalQueue's (DNS-1123 label), a cluster-scoped class's (DNS-1123 subdomain).
+DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _PATTERN_NAMES: Final = {
     URI.pattern: "s3://bucket/key or file:///absolute/path",
     HTTP_URL.pattern: "an http:// or https:// URL",
+    DNS_LABEL.pattern: "a DNS label (lowercase letters, digits and '-')",
+    DNS_SUBDOMAIN.pattern: "a DNS subdomain (lowercase letters, digits, '-' and '.')",
 }
 _QUANTITY = re.compile(r"^\+?(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _SUFFIX_FACTORS: Final = {

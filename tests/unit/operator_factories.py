@@ -16,6 +16,8 @@ from finetune_operator.decision import (
     Decision,
     DeleteJob,
     DeletePod,
+    DeleteWorkload,
+    PatchWorkloadStatus,
     Policy,
     observe_job,
     start_draft,
@@ -23,6 +25,7 @@ from finetune_operator.decision import (
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
 from finetune_operator.spec import parse_job
+from finetune_operator.workload import QueueObservation
 
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 DELETE = object()
@@ -186,13 +189,36 @@ def running_status(attempt: int = 0, **extra: Any) -> dict[str, Any]:
 
 def apply_policy(policy: Policy, job: dict[str, Any], pods: Sequence[dict[str, Any]] = (),
                  events: Sequence[Mapping[str, Any]] = (), now: float = 100,
-                 sample: ProgressSample | None = None) -> tuple[bool, Decision]:
+                 sample: ProgressSample | None = None, queue: QueueObservation | None = None) -> tuple[bool, Decision]:
     """One of ``decide``'s policies on its own, on the job as ``decide`` observes it once the spec is accepted:
     whether the policy completed the decision, and the decision as the policy left it."""
     views = observe_pods(pods)
     draft = start_draft(job, views, at(now))
-    observed = observe_job(parse_job(job), draft.status, views, events, sample)
+    observed = observe_job(parse_job(job), draft.status, views, events, sample, queue, FakeSettings.trainer_image)
     return policy(observed, draft), draft.decision()
+
+
+def make_workload(*true: str, count: int = 2, queue: str = "team-a",
+                  reasons: Mapping[str, tuple[str, str]] | None = None, flavor: str = "a100",
+                  priority_class: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The job's Kueue Workload as the API returns it, with the conditions in ``true`` True (reason and message
+    from ``reasons``, else the type's name) and, when Admitted, an admission to ``flavor``."""
+    conditions = []
+    for kind, (reason, message) in (reasons or {}).items():
+        conditions.append({"type": kind, "status": "True" if kind in true else "False", "reason": reason,
+                           "message": message, "lastTransitionTime": ts(50), "observedGeneration": 1})
+    conditions += [{"type": kind, "status": "True", "reason": kind, "message": kind, "lastTransitionTime": ts(50),
+                    "observedGeneration": 1} for kind in true if kind not in (reasons or {})]
+    spec: dict[str, Any] = {"queueName": queue, "podSets": [{"name": "trainer", "count": count, "template": {}}]}
+    if priority_class is not None:
+        spec["priorityClassRef"] = {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass", "name": priority_class}
+    status: dict[str, Any] = {"conditions": conditions}
+    if "Admitted" in true:
+        status["admission"] = {"clusterQueue": "cq", "podSetAssignments": [
+            {"name": "trainer", "flavors": {"cpu": flavor, "nvidia.com/gpu": flavor}, "count": count}]}
+    metadata = {"name": "finetunejob-job", "namespace": "ns", "resourceVersion": "42", "generation": 1, **extra}
+    return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload", "metadata": metadata, "spec": spec,
+            "status": status}
 
 
 def described(decision: Decision) -> list[str]:
@@ -206,6 +232,10 @@ def described(decision: Decision) -> list[str]:
             out.append(f"delete Pod {action.name}")
         elif isinstance(action, DeleteJob):
             out.append("delete FineTuneJob")
+        elif isinstance(action, DeleteWorkload):
+            out.append(f"delete Workload {action.name}")
+        elif isinstance(action, PatchWorkloadStatus):
+            out.append(f"patch Workload {action.name} status")
     return out
 
 

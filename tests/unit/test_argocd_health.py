@@ -91,6 +91,14 @@ RUNNING = {
         ),
         ({"phase": "Suspended", "message": "spec.suspend is true"}, "Suspended", ["Suspended: spec.suspend is true"]),
         (
+            {"phase": "Queued", "message": "Queued: waiting",
+             "conditions": [condition("Queued", "couldn't assign flavors to pod set trainer: insufficient quota "
+                                                "for nvidia.com/gpu in flavor a100, 16 more needed")]},
+            "Suspended",
+            ["Queued: couldn't assign flavors to pod set trainer: insufficient quota for nvidia.com/gpu"],
+        ),
+        ({"phase": "Queued", "message": "Queued: waiting"}, "Suspended", ["Queued: Queued: waiting"]),
+        (
             {"phase": "Succeeded", "model": {"uri": "s3://ml-finetunes/llama-7b-support/model/", "export": "merged"}},
             "Healthy",
             ["Succeeded: model at s3://ml-finetunes/llama-7b-support/model/"],
@@ -132,7 +140,7 @@ def test_should_give_a_known_non_unknown_health_for_every_phase_in_the_crd() -> 
     crd = yaml.safe_load((ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
     (version,) = crd["spec"]["versions"]
     phases = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]["enum"]
-    assert set(phases) >= {"Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"}
+    assert set(phases) >= {"Pending", "Running", "Restarting", "Suspended", "Queued", "Succeeded", "Failed"}
     for phase in phases:
         got_health, message = health(job({"phase": phase}))
         assert got_health in ARGO_STATUSES - {"Unknown", "Missing"}, phase

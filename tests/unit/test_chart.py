@@ -618,3 +618,29 @@ def test_docs_gpu_pools_should_match_the_examples_selectors_and_tolerations() ->
                            if "/node-template/label/" in key}
         assert examples[example]["spec"]["nodeSelector"].items() <= template_labels.items()
         assert group["tags"]["k8s.io/cluster-autoscaler/node-template/taint/nvidia.com/gpu"] == "true:NoSchedule"
+
+
+# ---- Kueue ---------------------------------------------------------------------------------------------------
+
+KUEUE_WORKLOAD_RULES = (triples("kueue.x-k8s.io", ["workloads"], ["get", "list", "watch", "create", "delete"])
+                        | triples("kueue.x-k8s.io", ["workloads/status"], ["patch"]))
+KUEUE_CLUSTER_RULES = triples("kueue.x-k8s.io", ["resourceflavors", "workloadpriorityclasses"], ["get"])
+
+
+def test_should_grant_no_kueue_access_when_kueue_is_not_installed(helm_bin: Path) -> None:
+    for args in ((), ("--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}")):
+        docs = render(helm_bin, *args)
+        granted = set().union(*(rule_set(role) for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role")))
+        assert not {rule for rule in granted if rule[0] == "kueue.x-k8s.io"}
+
+
+def test_should_grant_workloads_per_namespace_and_flavors_cluster_wide_when_kueue_crds_exist(helm_bin: Path) -> None:
+    docs = render(helm_bin, "--api-versions", "kueue.x-k8s.io/v1beta2")
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    assert KUEUE_WORKLOAD_RULES | KUEUE_CLUSTER_RULES <= rule_set(cluster_role)
+    docs = render(helm_bin, "--api-versions", "kueue.x-k8s.io/v1beta2", "--set", "rbac.scope=namespace",
+                  "--set", "watchNamespaces={team-a}")
+    (role,) = of_kind(docs, "Role")
+    (crds,) = of_kind(docs, "ClusterRole")
+    assert KUEUE_WORKLOAD_RULES <= rule_set(role) and not KUEUE_CLUSTER_RULES & rule_set(role)
+    assert KUEUE_CLUSTER_RULES <= rule_set(crds)

@@ -19,7 +19,7 @@ def test_no_handler_needs_a_finalizer_so_deletion_never_waits_for_the_operator()
         assert registry._spawning.get_all_handlers() == []
         assert registry._changing.get_all_handlers() == []
         assert registry._indexing.get_all_handlers() == []
-        assert {h.id for h in registry._watching.get_all_handlers()} == {"job-event", "pod-event"}
+        assert {h.id for h in registry._watching.get_all_handlers()} == {"job-event", "pod-event", "workload-event"}
         assert all(not getattr(h, "requires_finalizer", None) for h in registry._watching.get_all_handlers())
         assert {h.id for h in registry._activities.get_all_handlers()} == {"login", "startup", "cleanup", "watching"}
 
@@ -56,13 +56,15 @@ def test_identities_are_unique_per_process_start() -> None:
 
 
 
-def test_pods_are_listed_and_watched_with_the_job_label_selected_by_the_server_in_pages() -> None:
+def test_pods_and_workloads_are_listed_and_watched_with_the_job_label_selected_by_the_server_in_pages() -> None:
     kopf_settings = kopf.OperatorSettings()
     handlers.configure_kopf(kopf_settings, Settings())
     pods = Resource("", "v1", "pods", namespaced=True)
+    workloads = Resource("kueue.x-k8s.io", "v1beta2", "workloads", namespaced=True)
     jobs = Resource("finetune.dev", "v1alpha1", "finetunejobs", namespaced=True)
     # kopf puts these into the labelSelector of its LIST and WATCH requests (its handler label filters do not).
     assert kopf_settings.watching.label_selectors.collect(pods) == ["finetune.dev/job-name"]
+    assert kopf_settings.watching.label_selectors.collect(workloads) == ["finetune.dev/job-name"]
     assert kopf_settings.watching.label_selectors.collect(jobs) == []
     assert kopf_settings.watching.chunk_size == LIST_CHUNK
 

@@ -23,7 +23,7 @@ from operator_factories import at, make_job, make_pod
 from test_chart import rule_set
 
 from finetune_operator import handlers
-from finetune_operator.api import API_RBAC, ApiError, KubeApi, Rule, peering_rbac
+from finetune_operator.api import API_RBAC, KUEUE_API_RBAC, ApiError, KubeApi, Rule, peering_rbac
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.peering import PeeringCheck
 from finetune_operator.reconcile import Reconciler
@@ -33,7 +33,8 @@ CORE = re.compile(r"^/api/v1/namespaces/[^/]+/(?P<plural>[^/]+)(?:/(?P<name>[^/]
 GROUPED = re.compile(r"^/apis/(?P<group>[^/]+)/[^/]+(?:/namespaces/[^/]+)?/(?P<plural>[^/]+)"
                      r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
 # Resources only a ClusterRole can grant.
-CLUSTER_SCOPED = {"customresourcedefinitions", "clusterkopfpeerings", "namespaces"}
+CLUSTER_SCOPED = {"customresourcedefinitions", "clusterkopfpeerings", "namespaces", "resourceflavors",
+                  "workloadpriorityclasses"}
 
 
 def rule_of(method: str, path: str, params: Mapping[str, str] | None) -> Rule:
@@ -217,11 +218,74 @@ def run_life_of_a_job() -> InMemoryApi:
     return api
 
 
+WORKLOADS = "/apis/kueue.x-k8s.io/v1beta2/namespaces/ns/workloads"
+FLAVORS = "/apis/kueue.x-k8s.io/v1beta2/resourceflavors"
+PRIORITY_CLASSES = "/apis/kueue.x-k8s.io/v1beta2/workloadpriorityclasses"
+
+
+def run_life_of_a_queued_job() -> InMemoryApi:
+    """A job in a Kueue queue: Workload created (its priority read), deleted on suspend and created again on
+    resume, admitted (its flavor read), evicted and admitted again, finished (Workload Finished)."""
+    api = InMemoryApi()
+    api.put(JOBS, make_job(spec__queueName="team-a", spec__workloadPriorityClass="high",
+                           spec__restartBackoff={"initialSeconds": 0, "maxSeconds": 0}))
+    api.put(PRIORITY_CLASSES, {"metadata": {"name": "high"}, "value": 1000})
+    api.put(FLAVORS, {"metadata": {"name": "a100"}, "spec": {"nodeLabels": {"pool": "a100"}}})
+    clock = [0.0]
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=lambda: at(clock[0]))
+
+    def workload_conditions(*true: str) -> None:
+        workload = api.objects[(WORKLOADS, "finetunejob-job")]
+        workload["metadata"]["resourceVersion"] = str(clock[0])
+        workload["status"] = {"conditions": [{"type": kind, "status": "True", "reason": kind, "message": kind}
+                                             for kind in true]}
+        if "Admitted" in true:
+            workload["status"]["admission"] = {"clusterQueue": "cq", "podSetAssignments": [
+                {"name": "trainer", "flavors": {"cpu": "a100"}, "count": 1}]}
+
+    async def step() -> None:
+        clock[0] += 1
+        await reconciler.reconcile("ns", "job", api.objects.get((JOBS, "job")))
+
+    def edit_spec(**spec: Any) -> None:
+        job = api.objects[(JOBS, "job")]
+        job["metadata"]["generation"] += 1
+        job["spec"].update(spec)
+
+    async def life() -> None:
+        await step()  # the Workload, with the WorkloadPriorityClass's value
+        assert api.objects[(WORKLOADS, "finetunejob-job")]["spec"]["priority"] == 1000
+        edit_spec(suspend=True)
+        await step()  # suspended: the Workload goes ...
+        assert (WORKLOADS, "finetunejob-job") not in api.objects
+        edit_spec(suspend=False)
+        await step()  # ... and comes back on resume
+        workload_conditions("QuotaReserved", "Admitted")
+        await step()  # admitted: the gang, on the flavor's nodes
+        assert api.objects[(PODS, "job-a0-n0")]["spec"]["nodeSelector"] == {"pool": "a100"}
+        workload_conditions("QuotaReserved", "Admitted", "Evicted")
+        await step()  # evicted: the pods go ...
+        await step()  # ... then the admission
+        assert "admission" not in api.objects[(WORKLOADS, "finetunejob-job")]["status"]
+        workload_conditions("QuotaReserved", "Admitted")
+        await step()
+        api.objects[(PODS, "job-a1-n0")]["status"] = make_pod(0, 1, phase="Succeeded", exit_code=0)["status"]
+        await step()  # Succeeded: the Workload is Finished
+        conditions = api.objects[(WORKLOADS, "finetunejob-job")]["status"]["conditions"]
+        assert {"type": "Finished", "status": "True"}.items() <= conditions[-1].items()
+        await reconciler.close()
+
+    asyncio.run(life())
+    return api
+
+
 def test_every_request_the_operator_makes_is_in_the_api_rbac_table_and_nothing_else() -> None:
-    api = run_life_of_a_job()
-    assert api.methods == set(public_methods()), "every KubeApi request is exercised by the life above"
-    used = {rule_of(method, path, params) for method, path, params in api.requests}
+    plain, queued = run_life_of_a_job(), run_life_of_a_queued_job()
+    assert plain.methods | queued.methods == set(public_methods()), "every KubeApi request is exercised"
+    used = {rule_of(method, path, params) for method, path, params in plain.requests}
     assert used == API_RBAC | peering_rbac(clusterwide=True) | peering_rbac(clusterwide=False)
+    used_queued = {rule_of(method, path, params) for method, path, params in queued.requests}
+    assert used_queued - API_RBAC == KUEUE_API_RBAC
 
 
 def test_rule_of_maps_requests_as_the_authorizer_does() -> None:
@@ -236,11 +300,13 @@ def test_rule_of_maps_requests_as_the_authorizer_does() -> None:
 def test_kopf_rbac_covers_every_watched_resource() -> None:
     registry = handlers.build_registry(Settings())
     watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
-    assert watched == {("finetune.dev", "finetunejobs"), ("", "pods")}
+    assert watched == {("finetune.dev", "finetunejobs"), ("", "pods"), ("kueue.x-k8s.io", "workloads")}
     for group, resource in watched:
-        assert {(group, resource, "list"), (group, resource, "watch")} <= handlers.KOPF_RBAC
+        rules = handlers.KOPF_KUEUE_RBAC if group == "kueue.x-k8s.io" else handlers.KOPF_RBAC
+        assert {(group, resource, "list"), (group, resource, "watch")} <= rules
 
 
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
 # (chart values, how the operator runs with them)
 INSTALLS: dict[str, list[str]] = {
     "cluster scope, every namespace": [],
@@ -248,6 +314,9 @@ INSTALLS: dict[str, list[str]] = {
     "cluster scope, listed namespaces, 2 replicas": ["--set", "watchNamespaces={team-a}", "--set", "replicaCount=2"],
     "namespace scope": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}"],
     "namespace scope, 3 replicas": ["--set", "rbac.scope=namespace", "--set", "replicaCount=3"],
+    "cluster scope, Kueue installed": ["--api-versions", KUEUE_API],
+    "namespace scope, Kueue installed": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}",
+                                         "--api-versions", KUEUE_API],
 }
 
 
@@ -257,7 +326,8 @@ def test_the_chart_grants_exactly_what_the_operator_uses(helm_bin: Path, install
     (deployment,) = of_kind(docs, "Deployment")
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = load_settings([], environ=env)
-    needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None)
+    needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None,
+                                    kueue=KUEUE_API in INSTALLS[install])
     namespaced = {rule for rule in needed if rule[1] not in CLUSTER_SCOPED}
     if "namespace scope" in install:
         roles = of_kind(docs, "Role")

@@ -227,6 +227,17 @@ def test_a_running_job_is_resynced_only_when_its_progress_is_due() -> None:
     assert [(name, progress) for _, name, progress in started] == [("job", True)]
 
 
+def test_a_queued_job_waits_for_kueue_not_for_the_resync() -> None:
+    reconciler, api, clock = make_reconciler(make_job(status={"phase": "Queued", "attempt": 0}))
+    reconciler.job_seen(api.job)
+    reconciler._slots[("ns", "job")].status = {"phase": "Queued", "attempt": 0}
+    started = record_triggers(reconciler, clock)
+    assert not reconciler.resync_one("ns", "job")
+    reconciler._slots[("ns", "job")].status = {"phase": "Pending", "attempt": 0}
+    assert reconciler.resync_one("ns", "job")
+    assert [name for _, name, _ in started] == ["job"]
+
+
 def test_a_finished_job_settles_and_its_ttl_deletes_it() -> None:
     finished = {"phase": "Succeeded", "completionTime": "2025-01-01T00:01:00Z", "attempt": 0}
     reconciler, api, clock = make_reconciler(make_job(status=finished))

@@ -18,7 +18,8 @@ EXAMPLES = sorted((pathlib.Path(__file__).parents[2] / "examples").glob("*.yaml"
 
 
 def example_job(path: pathlib.Path) -> dict[str, Any]:
-    body: dict[str, Any] = yaml.safe_load(path.read_text())
+    """The example's FineTuneJob (examples/kueue.yaml also holds the Kueue objects it waits in)."""
+    body: dict[str, Any] = next(doc for doc in yaml.safe_load_all(path.read_text()) if doc["kind"] == "FineTuneJob")
     body["metadata"].update(namespace="team-a", uid="uid-1", generation=1)
     return body
 

@@ -143,6 +143,16 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
+{{- if $root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
+# Kueue (where its CRDs exist): a job with spec.queueName gets a Workload the operator creates, watches (admission,
+# eviction), marks Finished or evicted-and-stopped in its status, and deletes when the job is suspended.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
+{{- end }}
 {{- if and $peering (not $clusterwide) }}
 # Peering between replicas in namespaced mode: one KopfPeering per watched namespace (kopf watches it and patches
 # its keep-alives; the operator reads it to pause its resync while another replica works).
@@ -160,6 +170,13 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
+{{- if $root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
+# Kueue: the admitted ResourceFlavors' node labels and tolerations go on the pods; a WorkloadPriorityClass's value
+# becomes the Workload's priority.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["resourceflavors", "workloadpriorityclasses"]
+  verbs: ["get"]
 {{- end }}
 {{- if and $clusterwide $peering }}
 # Peering between replicas in cluster-wide mode.
