@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -179,6 +179,9 @@ class OperatorBench:
     def job_body(self, name: str) -> dict[str, Any]:
         return _job(name, self.args.nodes)
 
+    def close(self) -> None:
+        """What the bench itself started (nothing here)."""
+
     async def patch_pod(self, ns: str, name: str, status: dict[str, Any]) -> None:
         async with self.session.patch(f"/api/v1/namespaces/{ns}/pods/{name}/status", data=json.dumps(
                 {"status": status}), headers={"Content-Type": "application/merge-patch+json"}) as response:
@@ -272,7 +275,10 @@ class OperatorBench:
                  f"operator client: {detail}; kopf on the job: {kopf_writes:.1f}", "")]
 
 
-async def run(args: argparse.Namespace) -> list[Row]:
+async def run_bench(
+    args: argparse.Namespace, bench_class: type[OperatorBench], measure: Callable[[Any], Awaitable[list[Row]]]
+) -> list[Row]:
+    """A fresh control plane with the chart and the operator, a ``bench_class`` watching it, ``measure``'s rows."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-operator-"))
     plane = ControlPlane(workdir / "control-plane", scheduler=False).start()
     operator: OperatorProcess | None = None
@@ -282,19 +288,29 @@ async def run(args: argparse.Namespace) -> list[Row]:
                                    env={"PYTHONUNBUFFERED": "1"})
         operator.start()
         connector = aiohttp.TCPConnector(limit=100, ssl=plane.admin_tls)
-        async with aiohttp.ClientSession(plane.url, connector=connector) as session:
-            bench = OperatorBench(args, session, operator)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(plane.url, connector=connector, timeout=timeout) as session:
+            bench = bench_class(args, session, operator)
             for watch in bench.watches:
                 watch.start()
             await asyncio.sleep(0.2)
-            rows = [*await bench.latency(), *await bench.burst(), *await bench.lifecycle()]
-            for watch in bench.watches:
-                await watch.stop()
+            try:
+                return await measure(bench)
+            finally:
+                for watch in bench.watches:
+                    await watch.stop()
+                bench.close()
     finally:
         if operator is not None:
             operator.stop()
         plane.stop()
-    return rows
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    async def measure(bench: OperatorBench) -> list[Row]:
+        return [*await bench.latency(), *await bench.burst(), *await bench.lifecycle()]
+
+    return await run_bench(args, OperatorBench, measure)
 
 
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:

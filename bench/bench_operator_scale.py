@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import pathlib
 import re
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -29,10 +27,9 @@ import aiohttp
 import psutil
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from bench.bench_operator import JOBS, OperatorBench, Row, _job, _operator_metrics, _running, print_table
+from bench.bench_operator import JOBS, OperatorBench, Row, _job, _operator_metrics, _running, print_table, run_bench
 from finetune_operator.constants import DEFAULT_PROGRESS_SECONDS
-from localcluster.chart import OPERATOR_USER, install_chart
-from localcluster.controlplane import ControlPlane
+from localcluster.chart import OPERATOR_USER
 from localcluster.operator_process import OperatorProcess
 from localcluster.seaweedfs import free_ports
 
@@ -140,6 +137,9 @@ class ScaleBench(OperatorBench):
         return [("API requests per finished or suspended job per hour", f"{requests:.1f}",
                  f"≤ {GOALS['quiet_per_hour']:.0f}", _goal(requests, GOALS["quiet_per_hour"]))]
 
+    def close(self) -> None:
+        self.metrics_server.shutdown()
+
     def job_body(self, name: str) -> dict[str, Any]:
         job = _job(name, self.args.nodes)
         job["spec"]["metrics"] = {"port": self.metrics_port}
@@ -191,34 +191,14 @@ class ScaleBench(OperatorBench):
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-operator-scale-"))
-    plane = ControlPlane(workdir / "control-plane", scheduler=False).start()
-    operator: OperatorProcess | None = None
-    try:
-        kubeconfig = install_chart(plane, workdir / "operator.kubeconfig")
-        operator = OperatorProcess(kubeconfig, workdir / "operator.log", args=["--log-level", "WARNING"],
-                                   env={"PYTHONUNBUFFERED": "1"})
-        operator.start()
-        connector = aiohttp.TCPConnector(limit=100, ssl=plane.admin_tls)
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(plane.url, connector=connector, timeout=timeout) as session:
-            bench = ScaleBench(args, session, operator)
-            for watch in bench.watches:
-                watch.start()
-            await asyncio.sleep(0.2)
-            rows = [*await bench.foreign_pods(args.foreign_pods), *await bench.quiet_jobs(args.window)]
-            rows += await bench.burst()
-            rows += await bench.latency()
-            rows += await bench.running_jobs()
-            rows += await bench.throttled()
-            for watch in bench.watches:
-                await watch.stop()
-            bench.metrics_server.shutdown()
-    finally:
-        if operator is not None:
-            operator.stop()
-        plane.stop()
-    return rows
+    async def measure(bench: ScaleBench) -> list[Row]:
+        rows = [*await bench.foreign_pods(args.foreign_pods), *await bench.quiet_jobs(args.window)]
+        rows += await bench.burst()
+        rows += await bench.latency()
+        rows += await bench.running_jobs()
+        return rows + await bench.throttled()
+
+    return await run_bench(args, ScaleBench, measure)
 
 
 def main(argv: list[str] | None = None) -> None:
