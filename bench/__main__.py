@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bench_trainer", "bench.bench_pull", "bench.bench_data", "bench.bench_operator"]
+BENCHMARKS = [
+    "bench.bench_trainer",
+    "bench.bench_pull",
+    "bench.bench_data",
+    "bench.bench_operator",
+    "bench.bench_operator_scale",
+]
 
 
 def main() -> int:
