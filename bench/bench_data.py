@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE_REVISION = "e85cbcc"
+BASELINE_REVISION = "e85cbcc4463a3d1bc26e7ca23b14c21df3db62ef"
 GOALS = {"cached_s": 2.0, "rank_mb": 200.0, "speedup": 1.8}
 
 
@@ -59,8 +59,12 @@ def _config(work: Path, seq: int, node: str = "cache", shared: str | None = None
 
 
 def _baseline_module() -> Any:
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_REVISION}:trainer/finetune_trainer/data.py"],
-                            capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_REVISION}:trainer/finetune_trainer/data.py"],
+                           capture_output=True, text=True, check=False)
+    if shown.returncode != 0:
+        raise RuntimeError(f"the in-memory baseline is read from git history at {BASELINE_REVISION}, which this clone "
+                           f"lacks (a shallow clone? `git fetch --unshallow`): {shown.stderr.strip()}")
+    source = shown.stdout
     path = Path(tempfile.mkdtemp(prefix="bench-data-")) / "baseline_data.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("baseline_data", path)
