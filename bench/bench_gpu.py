@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per GPU per step")
     parser.add_argument("--steps", type=int, default=60 if cuda else 30)
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument(
+        "--compare", default="plain,0,3",
+        help="beside ours at --zero-stage: 'plain' (a plain HF Trainer script) and/or other ZeRO stages; '' for none",
+    )
     return parser.parse_args(argv)
 
 
@@ -119,6 +123,17 @@ def trainer_config(root: Path, model_dir: Path, args: argparse.Namespace, cuda: 
     }
 
 
+def run_case(root: Path, model_dir: Path, args: argparse.Namespace, case: tuple[str, int], env: dict[str, str],
+             devices: int, cuda: bool) -> tuple[float, float]:
+    """(steps/s, rank-0 tokens/s) of one worker ("ours" or "plain") at one ZeRO stage."""
+    mode, stage = case
+    config = trainer_config(root, model_dir, argparse.Namespace(**{**vars(args), "zero_stage": stage}), cuda)
+    config_path = root / f"config-{mode}-z{stage}.json"
+    config_path.write_text(json.dumps(config))
+    probe = launch(mode, config_path, root / f"gpu-{mode}-z{stage}.probe", env, nproc=devices)
+    return window_rate(probe)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -135,34 +150,50 @@ def main(argv: list[str] | None = None) -> int:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        # The repo first, then whatever the caller set (a venv-less machine finds the packages that way).
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
     }
+    # Ours at the asked stage, a plain HF Trainer script on the same batches (the overhead), then the other stages.
+    cases = [("ours", args.zero_stage)]
+    for item in filter(None, args.compare.split(",")):
+        case = ("plain", args.zero_stage) if item == "plain" else ("ours", int(item))
+        if case not in cases:
+            cases.append(case)
+    rates: dict[tuple[str, int], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         root = Path(tmp)
         (root / "data").mkdir()
         (root / "data" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         model_dir, total, flops_per_token = build_model(root, args, rows)
-        config_path = root / "config.json"
-        config_path.write_text(json.dumps(trainer_config(root, model_dir, args, cuda)))
-        probe = launch("ours", config_path, root / "gpu.probe", env, nproc=devices)
-        steps_per_second, rank0_tokens_per_second = window_rate(probe)
+        for case in cases:
+            rates[case] = run_case(root, model_dir, args, case, env, devices, cuda)
 
-    tokens_per_second = rank0_tokens_per_second * devices  # data-parallel ranks see equal-sized packed batches
-    utilisation = mfu(tokens_per_second, flops_per_token, peak_bf16_flops(name) if cuda else None, devices)
+    peak = peak_bf16_flops(name) if cuda else None
+    baseline = rates[cases[0]][0]
+    table = []
+    for (mode, stage), (steps_per_second, rank0_tokens_per_second) in rates.items():
+        # The plain script has no token counter; it sees the same packed batches as ours, so the same tokens per step.
+        per_rank = rank0_tokens_per_second if mode == "ours" else rates[cases[0]][1] * steps_per_second / baseline
+        utilisation = mfu(per_rank * devices, flops_per_token, peak, devices)
+        table.append(
+            (
+                f"{'ours' if mode == 'ours' else 'plain HF Trainer'}, ZeRO-{stage}",
+                f"{steps_per_second:.2f}",
+                f"{per_rank:.0f}",
+                f"{per_rank * devices:.0f}",
+                f"{utilisation:.1%}" if utilisation is not None else "n/a",
+                f"{baseline / steps_per_second:.3f}",
+            )
+        )
     print_table(
         f"GPU path: {devices} x {name}, GPT-2 {args.layers}x{args.dim} ({total / 1e6:.1f} M parameters), "
-        f"seq {args.seq}, batch {args.batch}/rank, packed chat, ZeRO-{args.zero_stage}, "
-        f"{'bf16 + nccl' if cuda else 'fp32 + gloo (no CUDA: smoke run)'}; steps {WARMUP_STEPS}-{args.steps}",
-        ("steps/s", "tokens/s per rank", "tokens/s", "model GFLOP/token", "MFU"),
-        [
-            (
-                f"{steps_per_second:.2f}",
-                f"{rank0_tokens_per_second:.0f}",
-                f"{tokens_per_second:.0f}",
-                f"{flops_per_token / 1e9:.3f}",
-                f"{utilisation:.1%}" if utilisation is not None else "n/a",
-            )
-        ],
+        f"seq {args.seq}, batch {args.batch}/rank, packed chat, "
+        f"{'bf16 + nccl' if cuda else 'fp32 + gloo (no CUDA: smoke run)'}; steps {WARMUP_STEPS}-{args.steps}; "
+        f"model {flops_per_token / 1e9:.3f} GFLOP/token",
+        ("run", "steps/s", "tokens/s per rank", "tokens/s", "MFU", f"ours ZeRO-{args.zero_stage} ÷ this"),
+        table,
     )
     return 0
 

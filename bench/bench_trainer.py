@@ -129,23 +129,39 @@ def worker_ours(config_path: Path, probe_path: Path) -> int:
 
     config = load_config(config_path)
     url = f"http://{bind_address()}:{config.metrics.port}/metrics"
-    outcome = run(config, extra_callbacks=[StepProbe(probe_path, WARMUP_STEPS, url)])
+    callbacks = [StepProbe(probe_path, WARMUP_STEPS, url)]
+    profile_to = os.environ.get("BENCH_PROFILE")
+    if profile_to and os.environ.get("RANK", "0") == "0":
+        # Where rank 0's time goes (the calls that wait on the GPU show up as the syncs they are).
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        outcome = profiler.runcall(run, config, extra_callbacks=callbacks)
+        with open(profile_to, "w") as handle:
+            pstats.Stats(profiler, stream=handle).sort_stats("cumulative").print_stats(60)
+            pstats.Stats(profiler, stream=handle).sort_stats("tottime").print_stats(40)
+    else:
+        outcome = run(config, extra_callbacks=callbacks)
     if dist.is_initialized():
         dist.destroy_process_group()
     return outcome.code
 
 
 def worker_plain(config_path: Path, probe_path: Path) -> int:
-    """What a user would write by hand: HF Trainer, the same arguments, batches and DeepSpeed config."""
+    """What a user would write by hand: HF Trainer, the same arguments, batches and DeepSpeed config.
+
+    On a GPU it runs as ours does there: nccl, the config's precision (bf16 in bench_gpu), one device per rank.
+    """
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
     from transformers import TrainingArguments as Args
 
     from finetune_trainer.config import load_config
-    from finetune_trainer.data import build_datasets
+    from finetune_trainer.data_store import build_datasets
     from finetune_trainer.storage import pull_model
-    from finetune_trainer.train import build_deepspeed_config
+    from finetune_trainer.train import DTYPES, build_deepspeed_config
 
     config = load_config(config_path)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -154,11 +170,18 @@ def worker_plain(config_path: Path, probe_path: Path) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = build_datasets(config, tokenizer, local_rank=local_rank)
     t = config.training
-    dist.init_process_group("gloo")
+    cuda = torch.cuda.is_available()
+    precision = t.precision if cuda and t.precision != "auto" else "fp32"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
     args = Args(
         output_dir=str(Path(config.local.workDir) / "plain"),
-        use_cpu=True,
-        deepspeed=build_deepspeed_config(config, world, precision="fp32", cuda=False),
+        use_cpu=not cuda,
+        ddp_backend="nccl" if cuda else "gloo",
+        deepspeed=build_deepspeed_config(config, world, precision=precision, cuda=cuda),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         per_device_train_batch_size=t.batchSize,
         gradient_accumulation_steps=t.gradientAccumulationSteps,
         learning_rate=t.learningRate,
@@ -173,7 +196,7 @@ def worker_plain(config_path: Path, probe_path: Path) -> int:
         report_to=[],
         disable_tqdm=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
     trainer = Trainer(
         model=model,
         args=args,
@@ -254,7 +277,8 @@ def launch(mode: str, config: Path, probe: Path, env: dict[str, str], nproc: int
     with log.open("w") as handle:
         code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
     if code != 0:
-        raise RuntimeError(f"{mode} run failed ({code}); see {log}")
+        # The log lives in a temporary folder that is gone once the caller returns: show its end now.
+        raise RuntimeError(f"{mode} run failed ({code}); end of {log}:\n{log.read_text(errors='replace')[-4000:]}")
     return dict(json.loads(probe.read_text()))
 
 
@@ -322,7 +346,10 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        # The repo first, then whatever the caller set (a venv-less machine finds the packages that way).
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
     }
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         root = Path(tmp)

@@ -19,7 +19,7 @@ from finetune_trainer.checkpoints import (
     parse_checkpoint_name,
     retained_steps,
 )
-from finetune_trainer.launch import decide_exit, read_exit_statuses
+from finetune_trainer.launch import decide_exit, read_exit_statuses, torchrun_command, torchrun_has_shutdown_timeout
 
 SHA = "a" * 64
 
@@ -148,3 +148,22 @@ def test_launcher_reason_names_the_rank(tmp_path: Path) -> None:
 
     assert code == exit_codes.INVALID
     assert reason == "rank 1: data.jsonl:7: bad"
+
+
+@pytest.mark.parametrize(
+    ("supported", "expected"),
+    [
+        pytest.param(True, ["--max-restarts", "0", "--shutdown-timeout", "90"], id="grace-period-passed-on"),
+        pytest.param(False, ["--max-restarts", "0"], id="older-torchrun-keeps-its-default"),
+    ],
+)
+def test_torchrun_gets_the_grace_period_when_it_takes_one(supported: bool, expected: list[str]) -> None:
+    command = torchrun_command("/etc/finetune/config.json", 90, supported)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[3:-4] == expected
+    assert command[-4:] == ["-m", "finetune_trainer", "--config", "/etc/finetune/config.json"]
+
+
+def test_the_pinned_torch_has_torchruns_shutdown_timeout() -> None:
+    # torch==2.13.0 is pinned; its torchrun has the flag, so the grace period reaches the workers.
+    assert torchrun_has_shutdown_timeout()

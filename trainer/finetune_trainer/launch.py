@@ -15,13 +15,14 @@ with the most significant one (64 > 75 > 1) and writes its reason to the termina
 SIGTERM/SIGINT are forwarded once to torchrun, which runs in a session of its own (so a signal to the whole
 process group does not reach it twice) with ``--shutdown-timeout`` set to ``checkpoint.gracePeriodSeconds``:
 torchrun's default would SIGKILL the workers 30 s after passing SIGTERM on, before a large emergency checkpoint
-is uploaded.
+is uploaded. A torch whose torchrun lacks that flag (an image built on an older torch) keeps torchrun's default.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import shutil
@@ -119,21 +120,28 @@ def describe_config() -> str:
     return "\n".join(lines)
 
 
-def torchrun_command(config_path: str, grace_seconds: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        # The operator restarts the whole gang from the newest checkpoint; an in-place restart would not.
-        "--max-restarts",
-        "0",
-        "--shutdown-timeout",
-        str(grace_seconds),
-        "-m",
-        "finetune_trainer",
-        "--config",
-        config_path,
-    ]
+def torchrun_has_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun takes ``--shutdown-timeout`` (an image may bring an older torch than ours).
+
+    Read from torchrun's source rather than by importing torch, which would hold ~300 MB in this small process for
+    the whole run.
+    """
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    source = Path(next(iter(spec.submodule_search_locations))) / "distributed" / "run.py"
+    try:
+        return "--shutdown-timeout" in source.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def torchrun_command(config_path: str, grace_seconds: int, shutdown_timeout: bool = True) -> list[str]:
+    # The operator restarts the whole gang from the newest checkpoint; an in-place restart would not.
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "0"]
+    if shutdown_timeout:
+        command += ["--shutdown-timeout", str(grace_seconds)]
+    return command + ["-m", "finetune_trainer", "--config", config_path]
 
 
 def die_with_parent() -> None:
@@ -161,7 +169,7 @@ def run_torchrun(config: TrainerConfig, config_path: str) -> tuple[int, bool]:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         child = subprocess.Popen(
-            torchrun_command(config_path, config.checkpoint.gracePeriodSeconds),
+            torchrun_command(config_path, config.checkpoint.gracePeriodSeconds, torchrun_has_shutdown_timeout()),
             start_new_session=True,
             # torchrun lives in its own session: a process-group kill of the pod command would orphan it.
             preexec_fn=die_with_parent,
