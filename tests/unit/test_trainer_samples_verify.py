@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,43 @@ def test_a_failed_verification_makes_the_result_failed() -> None:
     assert (result["status"], result["exitCode"]) == ("failed", 64)
     assert json.loads(json.dumps(result))["verification"] == verdict
     assert result["samples"] == [{"prompt": "p", "answer": "a"}]
+
+
+def test_one_block_per_evaluation_uploaded_at_a_save_and_cut_after_a_resume(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+
+    from finetune_trainer.distributed import DistContext
+    from finetune_trainer.samples import SAMPLES_NAME, SamplesCallback
+    from finetune_trainer.storage import open_store
+
+    store = open_store(f"file://{tmp_path / 'out'}")
+    config = make_config(evaluation={"prompts": ["Hello", "Why?"], "maxNewTokens": 4})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    args = TrainingArguments(output_dir=str(tmp_path / "local"), use_cpu=True, report_to=[])
+    samples = SamplesCallback(config, ["Hello", "Why?"], tokenizer, store, DistContext())
+    state, control = TrainerState(), TrainerControl()
+    for step in (0, 2, 4):
+        state.global_step = step
+        samples.on_evaluate(args, state, control, model=model)
+        if step == 2:
+            samples.on_save(args, state, control)
+    stored = [json.loads(line) for line in (tmp_path / "out" / SAMPLES_NAME).read_text().splitlines()]
+    assert [(line["step"], line["prompt"]) for line in stored] == [(0, "Hello"), (0, "Why?"), (2, "Hello"),
+                                                                   (2, "Why?")]
+    local = [json.loads(line)["step"] for line in (tmp_path / "local" / SAMPLES_NAME).read_text().splitlines()]
+    assert local == [0, 0, 2, 2, 4, 4]
+    # The end reuses the evaluation at the last step instead of generating again.
+    part = samples.finish(model, 4, deadline=time.monotonic() + 60)
+    assert [s["prompt"] for s in part["samples"]] == ["Hello", "Why?"] and part["samplesStep"] == 4
+    assert len((tmp_path / "out" / SAMPLES_NAME).read_text().splitlines()) == 6
+
+    # A new attempt resumed from step 2 redoes step 4's block instead of repeating it.
+    resumed = SamplesCallback(config, ["Hello", "Why?"], tokenizer, store, DistContext())
+    state.global_step = 2
+    resumed.on_train_begin(args, state, control)
+    state.global_step = 4
+    resumed.on_evaluate(args, state, control, model=model)
+    resumed.finish(model, 4, deadline=time.monotonic() + 60)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / SAMPLES_NAME).read_text().splitlines()]
+    assert steps == [0, 0, 2, 2, 4, 4]

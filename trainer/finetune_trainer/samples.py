@@ -12,7 +12,8 @@ Every rank takes part in generation: under ZeRO-3 each rank holds a shard of eve
 with ``synced_gpus=True`` and every forward pass gathers the weights across the gang (a rank that finished keeps
 stepping until all have). Rank 0 decides how much of the time budget is left before each prompt and tells the
 others, so they run the same number of generations; only rank 0 writes. The file is uploaded with every
-checkpoint and at the end (as history.jsonl is); a resumed attempt starts from the stored file cut at its step.
+checkpoint and at the end (as history.jsonl is), and kept locally as ``<output_dir>/samples.jsonl`` (HF's output
+folder, beside the checkpoints); a resumed attempt starts from the stored file cut at its step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,8 +207,17 @@ class SamplesCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model = kwargs.get("model")
-        if model is not None:
-            self.answer(model, state.global_step)
+        if model is None:
+            return
+        self.answer(model, state.global_step)
+        if self.ctx.rank == 0 and args.output_dir:
+            # A local copy beside the checkpoints, for in-process consumers (experiment trackers) of the file.
+            local = Path(args.output_dir)
+            try:
+                local.mkdir(parents=True, exist_ok=True)
+                (local / SAMPLES_NAME).write_text(self.text())
+            except OSError as exc:
+                log.warning("could not write the local %s: %s", SAMPLES_NAME, exc)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.ctx.rank == 0 and self.lines:
@@ -239,8 +250,11 @@ class SamplesCallback(TrainerCallback):
             "samplesSeconds": round(self.last_seconds, 3),
         }
 
+    def text(self) -> str:
+        return "".join(json.dumps(line) + "\n" for line in self.lines)
+
     def upload(self, deadline: float) -> bool:
-        data = "".join(json.dumps(line) + "\n" for line in self.lines).encode()
+        data = self.text().encode()
         try:
             self.store.retrying_until(deadline).put_bytes(SAMPLES_NAME, data)
         except Exception as exc:  # samples are a report: their loss must never stop training
