@@ -11,6 +11,9 @@ It lists and downloads ``model/`` with a plain boto3 client (or copies a ``file:
   ``PeftModel.from_pretrained``) with no weight missing, unexpected or of the wrong shape;
 - answers the evaluation prompts (or one fixed prompt) greedily within ``evaluation.generationTimeoutSeconds``.
 
+It loads on the CPU: the training process, still alive, holds the GPUs. The base model of an adapter comes from
+the node cache the run pulled it into (the adapter config names that folder).
+
 It writes its verdict as JSON: ``ok``, ``seconds``, the ``files`` it read, ``tensorsChecked``, the ``answers``,
 and on failure ``problem``, a line that starts with the file it concerns (``model/model.safetensors: ...``).
 The trainer puts the verdict in result.json as ``verification``; a failed check ends the run with the permanent
