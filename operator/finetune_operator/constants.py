@@ -89,6 +89,8 @@ EXIT_SUCCESS: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_INVALID: Final = 64
 EXIT_PREEMPTED: Final = 75
+# How rank 0's reason starts when the exported model failed its check (finetune_trainer.verify.FAILED_PREFIX).
+MODEL_VERIFICATION_FAILED: Final = "model verification failed"
 
 # ---- the trainer's metric names (finetune_trainer/metrics.py) --------------------------------------------
 METRIC_STEP: Final = "finetune_step"
@@ -135,6 +137,8 @@ CONDITION_QUEUED: Final = "Queued"
 # True while the API server refuses to create the gang's pods (admission, validation, quota); its
 # lastTransitionTime is when the refusals began.
 CONDITION_POD_CREATE_FAILED: Final = "PodCreateFailed"
+# Whether the exported model loaded back from storage in a fresh process (spec.evaluation.verifyExport).
+CONDITION_MODEL_VERIFIED: Final = "ModelVerified"
 
 # Why the job entered a phase (condition reasons and Event reasons).
 REASON_CREATED: Final = "Created"
@@ -164,6 +168,9 @@ REASON_POD_REJECTED: Final = "PodRejected"
 # ... or for now (a missing PriorityClass or ServiceAccount, quota, RBAC): retried until startupDeadlineSeconds.
 REASON_FAILED_CREATE: Final = "FailedCreate"
 REASON_PODS_CREATED: Final = "PodsCreated"
+# ModelVerified's reasons: the export loaded, finite, and generated; or which file failed and how.
+REASON_MODEL_VERIFIED: Final = "Verified"
+REASON_VERIFICATION_FAILED: Final = "VerificationFailed"
 # Kueue: the Workload was created and waits for Kueue's first word, was admitted, or was evicted (Kueue's own
 # eviction reason, e.g. Preempted, is in the message); the Workload's PriorityClass is missing.
 REASON_WORKLOAD_CREATED: Final = "WorkloadCreated"

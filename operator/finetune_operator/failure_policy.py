@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from finetune_operator import constants as c
 from finetune_operator.decision import DecisionDraft, ObservedJob
+from finetune_operator.model_verification import record_model_verification
 from finetune_operator.pod_view import PodView
 from finetune_operator.spec import FineTuneJob
 
@@ -88,6 +89,8 @@ def restart_or_fail(observed: ObservedJob, draft: DecisionDraft) -> bool:
     if failure is None:
         return False
     if failure.permanent:
+        # A failed check of the exported model is a permanent error: ModelVerified=False names the file.
+        record_model_verification(status, observed.current)
         draft.finish(succeeded=False, reason=c.REASON_PERMANENT_ERROR, message=failure.message)
         return True
     counted = status.record_failure(failure.counted)

@@ -23,6 +23,7 @@ TRAINER_SECTIONS: Final = {
     "checkpoint": "checkpoint",
     "metrics": "metrics",
     "storage": "storage",
+    "evaluation": "evaluation",
 }
 # Spec fields inside those sections that the trainer never takes, and why.
 NOT_RENDERED: Final = {

@@ -154,6 +154,25 @@ class MetricsSpec:
     pushgateway: str | None = spec_field(None, pattern=HTTP_URL, max_length=2048)
 
 
+# The CRD's bounds on evaluation prompts (the trainer applies the same to a promptsUri file).
+MAX_PROMPTS = 64
+MAX_PROMPT_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """Prompts answered at each evaluation and the check of the exported model."""
+
+    prompts: tuple[str, ...] = ()
+    prompts_uri: str | None = spec_field(None, pattern=URI, max_length=2048)
+    max_new_tokens: int = spec_field(64, minimum=1, maximum=2048)
+    sampling: bool = spec_field(False)
+    temperature: float = spec_field(0.7, minimum=0, maximum=2, exclusive_minimum=True)
+    top_p: float = spec_field(1.0, minimum=0, maximum=1, exclusive_minimum=True)
+    generation_timeout_seconds: int = spec_field(120, minimum=1, maximum=3600)
+    verify_export: bool = spec_field(True)
+
+
 @dataclass(frozen=True)
 class ResourcesSpec:
     """Quantities kept as the user wrote them (Kubernetes normalises them itself) plus their parsed values."""
@@ -196,6 +215,7 @@ class JobSpec:
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -279,6 +299,21 @@ def _parse_training(r: Reader) -> TrainingSpec:
         lora=None if lora is None else _parse_lora(lora),
         early_stopping=None if early_stopping is None else read_fields(EarlyStoppingSpec, early_stopping),
     )
+
+
+def _parse_evaluation(r: Reader) -> EvaluationSpec:
+    prompts = r.items("prompts", MAX_PROMPTS)
+    if r.has("prompts") and not prompts:
+        raise InvalidSpecError(r.at("prompts"), "must hold at least one prompt (or leave it out)")
+    for i, prompt in enumerate(prompts):
+        where = f"{r.at('prompts')}[{i}]"
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidSpecError(where, "must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_LENGTH:
+            raise InvalidSpecError(where, f"longer than {MAX_PROMPT_LENGTH} characters")
+    if prompts and r.has("promptsUri"):
+        raise InvalidSpecError(r.at("promptsUri"), "set either evaluation.prompts or evaluation.promptsUri, not both")
+    return read_fields(EvaluationSpec, r, prompts=tuple(prompts))
 
 
 def _quantity(reader: Reader, key: str) -> tuple[str | None, Decimal | None]:
@@ -382,6 +417,7 @@ def parse_spec(data: Any) -> JobSpec:
         ),
         checkpoint=read_fields(CheckpointSpec, r.obj("checkpoint")),
         metrics=read_fields(MetricsSpec, r.obj("metrics")),
+        evaluation=_parse_evaluation(r.obj("evaluation")),
         resources=_parse_resources(r.obj("resources")),
         node_selector=_parse_node_selector(r),
         tolerations=_parse_tolerations(r),

@@ -1,10 +1,12 @@
-"""Success: node rank 0 exits 0 once it has trained and exported the model; its peers' exits do not decide it."""
+"""Success: node rank 0 exits 0 once it has trained, exported and (by default) verified the model; its peers' exits
+do not decide it."""
 
 from __future__ import annotations
 
 from finetune_operator import constants as c
 from finetune_operator.builders import model_uri
 from finetune_operator.decision import DecisionDraft, ObservedJob
+from finetune_operator.model_verification import record_model_verification
 from finetune_operator.progress import sample_from_result
 
 
@@ -21,5 +23,7 @@ def finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
     final = sample_from_result(rank0.termination_message) or observed.sample
     if final is not None:
         draft.status.record_progress(final, spec.output.uri, spec.distributed.world_size)
+    # The trainer's check of the exported model (spec.evaluation.verifyExport), when it ran.
+    record_model_verification(draft.status, [rank0])
     draft.finish(succeeded=True, reason=c.REASON_SUCCEEDED, message=f"Model written to {model}")
     return True

@@ -138,6 +138,8 @@ def test_defaults_are_filled_in(api: JobsApi) -> None:
     assert spec["distributed"]["deepspeed"]["zeroStage"] == 2
     assert spec["backoffLimit"] == 3
     assert spec["cleanPodPolicy"] == "All"
+    assert (spec["evaluation"]["sampling"], spec["evaluation"]["temperature"], spec["evaluation"]["topP"]) == (
+        False, 0.7, 1)
 
 
 def test_unknown_fields_are_pruned_when_validation_is_not_strict(api: JobsApi) -> None:
@@ -263,6 +265,17 @@ BAD_JOBS: list[tuple[str, Mutation, str, str]] = [
         "WORLD_SIZE is reserved",
     ),
     ("env name with a dash", setter("env", [{"name": "MY-VAR", "value": "1"}]), "spec.env[0].name", "should match"),
+    ("empty evaluation prompt list", setter("evaluation.prompts", []), "spec.evaluation.prompts", "at least 1 items"),
+    ("empty evaluation prompt", setter("evaluation.prompts", ["ok", ""]), "spec.evaluation.prompts[1]",
+     "at least 1 chars long"),
+    ("evaluation maxNewTokens over 2048", setter("evaluation.maxNewTokens", 4096), "spec.evaluation.maxNewTokens",
+     "less than or equal to 2048"),
+    ("evaluation maxNewTokens 0", setter("evaluation.maxNewTokens", 0), "spec.evaluation.maxNewTokens",
+     "greater than or equal to 1"),
+    ("evaluation prompts and promptsUri", setter("evaluation.promptsUri", "s3://prompts/eval.jsonl"),
+     "spec.evaluation.promptsUri", "set either evaluation.prompts or evaluation.promptsUri, not both"),
+    ("evaluation promptsUri over http", both(deleter("evaluation.prompts"), setter("evaluation.promptsUri", "http://x/p")),
+     "spec.evaluation.promptsUri", "should match"),
     (
         "env value and valueFrom",
         setter("env", [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]),

@@ -20,6 +20,18 @@ def test_exit_codes_mirror_the_trainer() -> None:
         exit_codes.SUCCESS, exit_codes.FAILURE, exit_codes.INVALID, exit_codes.PREEMPTED)
 
 
+def test_the_verification_failure_prefix_mirrors_the_trainer() -> None:
+    from finetune_trainer import verify
+
+    assert c.MODEL_VERIFICATION_FAILED == verify.FAILED_PREFIX
+
+
+def test_the_crd_documents_the_model_verified_condition() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert c.CONDITION_MODEL_VERIFIED in status["properties"]["conditions"]["description"]
+
+
 def _env_rule() -> str:
     crd = yaml.safe_load((ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]

@@ -64,6 +64,9 @@ def test_tiny_example_renders_exactly() -> None:
         "checkpoint": {"everySteps": 100, "keep": 2, "gracePeriodSeconds": 120},
         "metrics": {"port": 9400},
         "storage": {"forcePathStyle": True},
+        "evaluation": {"prompts": ["How do I reset my password?", "My order arrived damaged. What should I do?"],
+                       "maxNewTokens": 48, "sampling": False, "temperature": 0.7, "topP": 1.0,
+                       "generationTimeoutSeconds": 60, "verifyExport": True},
         "local": {"cacheDir": "/scratch/cache", "workDir": "/scratch/work"},
         "job": {"name": "tiny-cpu", "namespace": "team-a", "attempt": 0},
     }
@@ -82,6 +85,8 @@ def test_every_optional_section_is_accepted_by_the_trainer() -> None:
         "spec.metrics": {"port": 9500, "pushgateway": "http://pushgateway:9091"},
         "spec.storage": {"endpoint": "http://s3.local:8333", "region": "eu-1", "forcePathStyle": True,
                          "credentialsSecret": "creds"},
+        "spec.evaluation": {"promptsUri": "s3://data/prompts.jsonl", "maxNewTokens": 16, "sampling": True,
+                            "temperature": 0.5, "topP": 0.9, "generationTimeoutSeconds": 30, "verifyExport": False},
         "status": {"attempt": 4},
     })
     config = render_trainer_config(parse_job(body))
@@ -90,3 +95,7 @@ def test_every_optional_section_is_accepted_by_the_trainer() -> None:
     assert loaded.training.earlyStopping is not None and loaded.training.earlyStopping.minDelta == 0.01
     assert (loaded.deepspeed.zeroStage, loaded.checkpoint.everyMinutes, loaded.metrics.port) == (3, 7.5, 9500)
     assert (loaded.storage.endpoint, loaded.job.attempt, loaded.export) == ("http://s3.local:8333", 4, "merged")
+    e = loaded.evaluation
+    assert (e.promptsUri, e.prompts, e.maxNewTokens, e.sampling, e.temperature, e.topP) == (
+        "s3://data/prompts.jsonl", [], 16, True, 0.5, 0.9)
+    assert (e.generationTimeoutSeconds, e.verifyExport) == (30, False)

@@ -36,6 +36,9 @@ def test_defaults_of_the_crd_apply_to_a_minimal_spec() -> None:
     assert (spec.startup_deadline_seconds, spec.capacity_timeout_seconds) == (600, 1800)
     assert (spec.clean_pod_policy, spec.image_pull_policy, spec.suspend) == ("All", "IfNotPresent", False)
     assert spec.export == "full"
+    e = spec.evaluation
+    assert (e.prompts, e.prompts_uri, e.max_new_tokens, e.sampling, e.generation_timeout_seconds, e.verify_export) == (
+        (), None, 64, False, 120, True)
 
 
 def test_lora_defaults_to_adapter_export() -> None:
@@ -143,6 +146,19 @@ INVALID: list[Any] = [
                  "spec.distributed.deepspeed.offloadParams: needs zeroStage 3", id="offload-params"),
     pytest.param({"spec.resources.gpus": 2, "spec.distributed.procsPerNode": 4},
                  "spec.distributed.procsPerNode: 4 exceeds resources.gpus 2", id="procs-over-gpus"),
+    pytest.param({"spec.evaluation.prompts": []}, "spec.evaluation.prompts: must hold at least one prompt",
+                 id="evaluation-empty-prompt-list"),
+    pytest.param({"spec.evaluation.prompts": ["hi", ""]}, "spec.evaluation.prompts[1]: must be a non-empty string",
+                 id="evaluation-empty-prompt"),
+    pytest.param({"spec.evaluation.prompts": ["x" * 4097]}, "spec.evaluation.prompts[0]: longer than 4096",
+                 id="evaluation-prompt-too-long"),
+    pytest.param({"spec.evaluation.prompts": ["q"] * 65}, "spec.evaluation.prompts: has 65 items, more than 64",
+                 id="evaluation-too-many-prompts"),
+    pytest.param({"spec.evaluation": {"prompts": ["hi"], "promptsUri": "s3://data/prompts.jsonl"}},
+                 "spec.evaluation.promptsUri: set either evaluation.prompts or evaluation.promptsUri",
+                 id="evaluation-prompts-and-uri"),
+    pytest.param({"spec.evaluation.maxNewTokens": 4096}, "spec.evaluation.maxNewTokens: must be <= 2048",
+                 id="evaluation-max-new-tokens"),
     pytest.param({"spec.restartBackoff": {"initialSeconds": 60, "maxSeconds": 30}},
                  "spec.restartBackoff.initialSeconds: cannot exceed", id="backoff-initial-over-max"),
     # Types and the schema's ranges: a malformed object must fail its job, not crash the operator.

@@ -199,6 +199,31 @@ class MetricsConfig:
     pushgateway: str | None = _help("Pushgateway URL rank 0 pushes to at each log and at exit.", None)
 
 
+# At most this many evaluation prompts of at most this many characters (the CRD's bounds; promptsUri files too).
+MAX_PROMPTS = 64
+MAX_PROMPT_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    prompts: list[str] = _help("Prompts answered at each evaluation and at the end.", default_factory=list)
+    promptsUri: str | None = _help(
+        "A JSON Lines (string or {\"prompt\": ...} per line) or text file (one per line) of prompts.", None
+    )
+    maxNewTokens: int = _help("Tokens generated per answer at most.", 64, minimum=1, maximum=2048)
+    sampling: bool = _help("Sample with temperature/topP instead of greedy decoding.", False)
+    temperature: float = _help(
+        "Sampling temperature (sampling only).", 0.7, minimum=0, maximum=2, exclusive_minimum=True
+    )
+    topP: float = _help("Nucleus sampling mass (sampling only).", 1.0, minimum=0, maximum=1, exclusive_minimum=True)
+    generationTimeoutSeconds: int = _help(
+        "Wall time for all answers of one evaluation; a cut answer is marked truncated.", 120, minimum=1, maximum=3600
+    )
+    verifyExport: bool = _help(
+        "Load the exported model back from storage in a fresh process and check it before succeeding.", True
+    )
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     endpoint: str | None = _help(
@@ -236,6 +261,9 @@ class TrainerConfig:
         "Checkpoint cadence and retention.", default_factory=CheckpointConfig
     )
     metrics: MetricsConfig = _help("Prometheus endpoint.", default_factory=MetricsConfig)
+    evaluation: EvaluationConfig = _help(
+        "Sample answers at each evaluation and the exported model's check.", default_factory=EvaluationConfig
+    )
     storage: StorageConfig = _help(
         "Object storage access (credentials come from the default chain).", default_factory=StorageConfig
     )
@@ -385,6 +413,7 @@ def validate(config: TrainerConfig) -> TrainerConfig:
         ("dataset.evalUri", config.dataset.evalUri),
         ("output.uri", config.output.uri),
         ("dataset.cache", config.dataset.cache),
+        ("evaluation.promptsUri", config.evaluation.promptsUri),
     ):
         if uri is not None and not URI_PATTERN.match(uri):
             raise ConfigError(where, f"must be s3://bucket/key or file:///absolute/path, got {uri!r}")
@@ -410,11 +439,25 @@ def validate(config: TrainerConfig) -> TrainerConfig:
         raise ConfigError("deepspeed.offloadOptimizer", "needs zeroStage 2 or 3")
     if ds.offloadParams and ds.zeroStage != 3:
         raise ConfigError("deepspeed.offloadParams", "needs zeroStage 3")
+    check_prompts(config.evaluation.prompts, "evaluation.prompts")
+    if config.evaluation.prompts and config.evaluation.promptsUri is not None:
+        raise ConfigError("evaluation.promptsUri", "set either evaluation.prompts or evaluation.promptsUri, not both")
     if config.metrics.pushgateway is not None and not re.match(r"^https?://\S+$", config.metrics.pushgateway):
         raise ConfigError("metrics.pushgateway", "must be an http(s) URL")
     if config.storage.endpoint is not None and not re.match(r"^https?://\S+$", config.storage.endpoint):
         raise ConfigError("storage.endpoint", "must be an http(s) URL")
     return config
+
+
+def check_prompts(prompts: list[str], where: str) -> None:
+    """The CRD's bounds on evaluation prompts: 1 to MAX_PROMPTS non-empty strings of at most MAX_PROMPT_LENGTH."""
+    if len(prompts) > MAX_PROMPTS:
+        raise ConfigError(where, f"has {len(prompts)} prompts, more than {MAX_PROMPTS}")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ConfigError(f"{where}[{i}]", "must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_LENGTH:
+            raise ConfigError(f"{where}[{i}]", f"longer than {MAX_PROMPT_LENGTH} characters")
 
 
 def config_from_dict(data: Any) -> TrainerConfig:

@@ -12,7 +12,9 @@ Exports (``output.export``; default ``adapter`` for LoRA, ``full`` otherwise), e
 
 ``result.json`` (written by rank 0 after the model): status, steps, the train loss (last logged and average),
 the eval loss before training (step 0) and after, the best eval loss and its step, tokens trained on, wall time,
-where the model is, the config hash and the world size.
+where the model is, the config hash and the world size; with evaluation prompts the final ``samples`` and
+``samplesSeconds``; with ``evaluation.verifyExport`` the ``verification`` verdict (``verify``), whose failure
+makes the status ``failed``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainerState
 
+from finetune_trainer import exit_codes
 from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.distributed import DistContext
@@ -134,15 +137,19 @@ def summarize(
     world_size: int,
     precision: str,
     data: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """result.json's content, from the Trainer's log history (which a resume restores)."""
+    """result.json's content, from the Trainer's log history (which a resume restores); ``extra`` holds the
+    samples and the verification verdict."""
     evaluations = [(int(e.get("step", 0)), float(e["eval_loss"])) for e in state.log_history if "eval_loss" in e]
     losses = [float(e["loss"]) for e in state.log_history if "loss" in e]
     before = next((loss for step, loss in evaluations if step == 0), None)
     best = min(evaluations, key=lambda item: item[1]) if evaluations else None
+    verification = (extra or {}).get("verification")
+    failed = verification is not None and not verification.get("ok")
     return {
-        "status": "succeeded",
-        "exitCode": 0,
+        "status": "failed" if failed else "succeeded",
+        "exitCode": exit_codes.INVALID if failed else exit_codes.SUCCESS,
         "steps": state.global_step,
         "maxSteps": state.max_steps,
         "epoch": state.epoch,
@@ -164,6 +171,7 @@ def summarize(
         "data": data or {},
         "job": {"name": config.job.name, "namespace": config.job.namespace, "attempt": config.job.attempt},
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
     }
 
 
@@ -175,6 +183,12 @@ def write_result(config: TrainerConfig, store: ObjectStore, state: TrainerState,
     log.info("result: %s", json.dumps(result))
     # The pod's termination message carries these to the operator once the metrics endpoint is gone.
     summary = {key: result[key] for key in SUMMARY_KEYS if result.get(key) is not None}
+    verification = result.get("verification")
+    if verification is not None:
+        # The verdict without the answers: the message has 4096 bytes, and the operator needs only these.
+        summary["verification"] = {"ok": verification.get("ok"), "seconds": verification.get("seconds"),
+                                   "files": len(verification.get("files", [])),
+                                   "answers": len(verification.get("answers", []))}
     try:
         config.local.result_summary_file.write_text(json.dumps(summary))
     except OSError as exc:

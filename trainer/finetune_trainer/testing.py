@@ -1,4 +1,5 @@
-"""Tiny models, tokenizers and text built locally (nothing downloaded) for the tests, the demo and the benchmarks.
+"""Tiny models, tokenizers and text built locally (nothing downloaded) for the tests, the demo and the benchmarks,
+and the trainer's fault-injection hooks.
 
 ``build_tiny_model`` trains a byte-level BPE tokenizer on the given texts and saves it beside a freshly initialised
 GPT-2 (safetensors) with ``save_pretrained``, so ``AutoModelForCausalLM.from_pretrained(dir)`` and
@@ -7,13 +8,26 @@ the trainer's default chat template (``<|system|>``, ``<|user|>``, ``<|assistant
 unk) and a separate ``<|pad|>``. ``pretrain_briefly`` gives it a few dozen steps of plain causal-LM training so a
 fine-tune starts from a model that has seen text; ``generic_corpus`` and ``toy_chat_rows`` make deterministic text
 and chat data.
+
+Fault injection (tests only; never set in production): ``FINETUNE_TEST_CORRUPT_EXPORT=<file name>`` makes the
+trainer damage ``<output.uri>/model/<file name>`` in storage after exporting it and before verifying it
+(``corrupt_stored_file``): a NaN is written into the first floating-point tensor of a ``.safetensors`` file, and
+any other file has its first bytes overwritten. It proves the export check catches what it claims to.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune_trainer.storage import ObjectStore
+
+# Fault injection: the exported file to damage between export and verification (see the module docstring).
+CORRUPT_EXPORT_ENV = "FINETUNE_TEST_CORRUPT_EXPORT"
+# The little-endian bytes of a NaN in each floating-point dtype safetensors stores.
+_NAN_BYTES = {"F32": b"\x00\x00\xc0\x7f", "F16": b"\x00\x7e", "BF16": b"\xc0\x7f", "F64": b"\x00" * 6 + b"\xf8\x7f"}
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -180,3 +194,25 @@ def pretrain_briefly(
         losses.append(float(loss.detach()))
     model.save_pretrained(model_dir)
     return losses
+
+
+def corrupt_bytes(name: str, data: bytes) -> bytes:
+    """``data`` damaged: a NaN as the first value of the first floating-point tensor of a safetensors file, the
+    first 16 bytes overwritten in any other file."""
+    import json
+    import struct
+
+    if name.endswith(".safetensors") and len(data) > 8:
+        header_size = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + header_size])
+        for key, entry in sorted(header.items(), key=lambda item: str(item[0])):
+            if key != "__metadata__" and entry.get("dtype") in _NAN_BYTES:
+                start = 8 + header_size + int(entry["data_offsets"][0])
+                nan = _NAN_BYTES[entry["dtype"]]
+                return data[:start] + nan + data[start + len(nan) :]
+    return b"\xff" * min(16, len(data)) + data[16:]
+
+
+def corrupt_stored_file(store: ObjectStore, key: str) -> None:
+    """Damage the object ``key`` in ``store`` in place (``corrupt_bytes``); a missing object is an error."""
+    store.put_bytes(key, corrupt_bytes(key, store.get_bytes(key)))

@@ -34,8 +34,12 @@ Features:
 - **Metrics** (``metrics``): Prometheus endpoint on every rank, Pushgateway pushes from rank 0.
 - **History** (``history``): rank 0's log events (step, loss, eval loss, learning rate, tokens/s, time) in
   ``<output.uri>/history.jsonl``, uploaded with every checkpoint and at the end.
+- **Sample answers** (``samples``): the evaluation prompts answered at every evaluation and at the end (every
+  rank takes part: ZeRO-3 generation is collective), in ``<output.uri>/samples.jsonl`` and result.json.
 - **Export** (``export``): full model, LoRA adapter or merged model to ``<output.uri>/model/``, then
   ``result.json`` with the losses before and after, the best eval loss, steps, tokens and wall time.
+- **Verified export** (``verify``): a fresh process loads ``model/`` back from storage with stock transformers
+  (peft for an adapter), checks the weights are finite and generates; a failed check exits INVALID.
 - **Logging**: rank 0 logs at INFO, the other ranks only warnings.
 - **Exit codes**: 0 done, 64 invalid config or data (permanent), 75 preempted after a checkpoint, 1 otherwise.
 """
@@ -69,7 +73,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from finetune_trainer import exit_codes, export
+from finetune_trainer import exit_codes, export, verify
 from finetune_trainer.checkpoint_protocol import CheckpointCallback, CheckpointProtocol
 from finetune_trainer.checkpoints import BACKGROUND_UPLOAD_BUDGET_S
 from finetune_trainer.config import ConfigError, TrainerConfig
@@ -79,6 +83,7 @@ from finetune_trainer.distributed import DistContext, Preempted, Preemption
 from finetune_trainer.history import HistoryCallback
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
 from finetune_trainer.resume import restore_checkpoint
+from finetune_trainer.samples import SamplesCallback, load_prompts
 from finetune_trainer.storage import ObjectStore, open_store, pull_model
 
 log = logging.getLogger(__name__)
@@ -482,6 +487,7 @@ class Inputs:
     model_dir: Path
     tokenizer: PreTrainedTokenizerBase
     data: PreparedData
+    prompts: list[str]
 
 
 def pull_inputs(config: TrainerConfig, ctx: DistContext, metrics: TrainerMetrics) -> Inputs:
@@ -502,7 +508,7 @@ def pull_inputs(config: TrainerConfig, ctx: DistContext, metrics: TrainerMetrics
     if config.dataset.format == "chat" and not tokenizer.chat_template:
         # Saved with the model so inference formats conversations exactly as training did.
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return Inputs(model_dir, tokenizer, data)
+    return Inputs(model_dir, tokenizer, data, load_prompts(config, metrics.count_s3_bytes))
 
 
 @dataclass
@@ -513,6 +519,7 @@ class Training:
     checkpoints: CheckpointProtocol
     early_stopping: EarlyStoppingCallback | None
     history: HistoryCallback | None
+    samples: SamplesCallback | None = None
 
 
 def build_trainer(
@@ -524,11 +531,15 @@ def build_trainer(
     metrics: TrainerMetrics,
     extra_callbacks: Sequence[TrainerCallback],
 ) -> Training:
-    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history (rank 0), then
-    ``extra_callbacks`` and early stopping."""
+    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history (rank 0), the sample answers
+    (before the history's upload at a save), then ``extra_callbacks`` and early stopping."""
     metrics_callback = MetricsCallback(metrics, checkpoints.counter)
     callbacks: list[TrainerCallback] = [metrics_callback, CheckpointCallback(checkpoints)]
     history = None
+    samples = None
+    if inputs.prompts:
+        samples = SamplesCallback(config, inputs.prompts, inputs.tokenizer, checkpoints.store, checkpoints.ctx)
+        callbacks.append(samples)
     if checkpoints.ctx.rank == 0:
         # After the metrics callback (it computes the interval's tokens/s) and the checkpoint's (its SIGTERM deadline).
         history = HistoryCallback(
@@ -553,7 +564,7 @@ def build_trainer(
         callbacks=callbacks,
         token_counter=checkpoints.counter,
     )
-    return Training(trainer, checkpoints, early_stopping, history)
+    return Training(trainer, checkpoints, early_stopping, history, samples)
 
 
 def preempted_outcome(checkpoints: CheckpointProtocol) -> RunOutcome:
@@ -585,10 +596,17 @@ def export_and_report(
     trainer = training.trainer
     final_eval = export.final_evaluation(trainer)
     tokens_seen = export.total_tokens(ctx, training.checkpoints.counter)
-    export.export_model(config, trainer, inputs.tokenizer, inputs.model_dir, store, ctx)
+    details: dict[str, Any] = {}
+    if training.samples is not None:
+        # Collective under ZeRO-3, like the export: every rank generates, rank 0 keeps the answers.
+        details.update(training.samples.finish(trainer.model, trainer.state.global_step,
+                                               time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S))
+    model_uri = export.export_model(config, trainer, inputs.tokenizer, inputs.model_dir, store, ctx)
     if training.history is not None:
         # After the final evaluation, so the last eval loss is in it; before result.json, which marks the end.
         training.history.finish(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S)
+    if ctx.rank == 0 and config.evaluation.verifyExport:
+        details["verification"] = verify.check_export(config, store, model_uri, inputs.model_dir, inputs.prompts)
     if ctx.rank == 0:
         export.write_result(
             config,
@@ -604,8 +622,13 @@ def export_and_report(
             world_size=ctx.world_size,
             precision=report.precision,
             data=inputs.data.stats.to_dict(),
+            extra=details,
         )
+    verification = details.get("verification")
+    if verification is not None and not verification["ok"]:
+        return RunOutcome(exit_codes.INVALID, f"{verify.FAILED_PREFIX}: {verification['problem']}")
     return RunOutcome(exit_codes.SUCCESS, f"trained {trainer.state.global_step} steps")
+
 
 
 def load_model(config: TrainerConfig, model_dir: Path, precision: str) -> PreTrainedModel:
