@@ -30,6 +30,7 @@ pytestmark = [
 
 def run_on_gpus(root: Path, assets: Path, ranks: int, **sections: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
     """Run the launcher on ``ranks`` GPUs: (exit code, log, result.json or {})."""
+    root.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "model": {"uri": f"file://{assets / 'model'}"},
         "dataset": {"uri": f"file://{assets / 'data' / 'train.jsonl'}", "format": "chat", "evalSplit": 0.1},
@@ -103,3 +104,28 @@ def test_bf16_zero3_lora_exports_an_adapter(
     assert result["steps"] == 40
     assert result["evalLossAfter"] < result["evalLossBefore"]
     assert (tmp_path / "out" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_bf16_zero3_answers_as_zero0_and_the_export_verifies(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, ranks: int
+) -> None:
+    prompts = ["What is the capital of France?", "What is 12 plus 30?"]
+    answers: dict[int, list[str]] = {}
+    for stage in (0, 3):
+        code, log, result = run_on_gpus(
+            tmp_path / f"zero{stage}",
+            tiny_assets(tmp_path_factory),
+            ranks,
+            deepspeed={"zeroStage": stage},
+            training={"maxSteps": 4, "evalEvery": 2, "logEvery": 1},
+            evaluation={"prompts": prompts, "maxNewTokens": 12},
+        )
+        assert code == exit_codes.SUCCESS, log[-4000:]
+        samples = tmp_path / f"zero{stage}" / "out" / "samples.jsonl"
+        lines = [json.loads(line) for line in samples.read_text().splitlines()]
+        assert [line["step"] for line in lines] == [0, 0, 2, 2, 4, 4]
+        answers[stage] = [line["answer"] for line in lines if line["step"] == 0]
+        assert result["verification"]["ok"] is True, result["verification"]
+    # The same weights at step 0: greedy answers agree token for token whether the parameters are sharded or not.
+    assert answers[3] == answers[0]
+    assert any(answers[0])
