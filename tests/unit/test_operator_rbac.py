@@ -22,8 +22,8 @@ from chart_render import of_kind, render
 from operator_factories import at, make_job, make_pod
 from test_chart import rule_set
 
-from finetune_operator import handlers
 from finetune_operator import constants as c
+from finetune_operator import handlers
 from finetune_operator.api import (
     API_RBAC,
     COSCHEDULING_API_RBAC,
