@@ -4,6 +4,7 @@ job with a condition that names the CRD."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -18,9 +19,11 @@ from operator_factories import (
     running_status,
 )
 
+from finetune_operator.api import ApiError
 from finetune_operator.decide import decide
 from finetune_operator.gang import GangObservation, PodGroupView
 from finetune_operator.gang_policy import unavailable_message
+from finetune_operator.reconcile import observe_gang
 from finetune_operator.workload import QueueObservation, observe_workload
 
 VOLCANO = "scheduling.volcano.sh/v1beta1"
@@ -104,3 +107,51 @@ def test_unavailable_message_says_what_to_install_or_grant(scheduler: str, api_v
     assert message.startswith(f"spec.gang.scheduler {scheduler}")
     for word in words:
         assert word in message
+
+
+class PodGroupLister:
+    """The one request observe_gang makes, answered as the API server would: items, 404 (None) or an error."""
+
+    def __init__(self, answer: list[dict[str, Any]] | None | ApiError) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, str, str]] = []
+
+    async def list_pod_groups(self, namespace: str, job_name: str, api_version: str) -> list[dict[str, Any]] | None:
+        self.asked.append((namespace, job_name, api_version))
+        if isinstance(self.answer, ApiError):
+            raise self.answer
+        return self.answer
+
+
+def observe(answer: list[dict[str, Any]] | None | ApiError, **paths: Any) -> tuple[Any, PodGroupLister]:
+    lister = PodGroupLister(answer)
+    body = make_job({**GANG, **paths})
+    return asyncio.run(observe_gang(lister, body)), lister  # type: ignore[arg-type]
+
+
+def test_observe_gang_reads_the_jobs_own_pod_groups_of_its_schedulers_api() -> None:
+    theirs = {"metadata": {"name": "job-a0", "labels": {"finetune.dev/attempt": "0"},
+                           "ownerReferences": [{"uid": "old", "controller": True}]}}
+    ours = {"metadata": {"name": "job-a1", "labels": {"finetune.dev/attempt": "1"},
+                         "ownerReferences": [{"uid": "uid-1", "controller": True}]}}
+    gang, lister = observe([theirs, ours])
+    assert lister.asked == [("ns", "job", VOLCANO)]
+    assert gang == GangObservation(VOLCANO, (PodGroupView("job-a1", 1),)), "a deleted job's PodGroup is left alone"
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    pytest.param(None, "the CRD podgroups.scheduling.volcano.sh is not installed", id="not-served"),
+    pytest.param(ApiError("list", 403, 'podgroups.scheduling.volcano.sh is forbidden: User "op" cannot list'),
+                 "gangScheduling.volcano=true", id="forbidden"),
+])
+def test_observe_gang_says_why_the_pod_group_api_cannot_be_used(answer: Any, words: str) -> None:
+    gang, _ = observe(answer)
+    assert gang is not None and gang.pod_groups == () and words in (gang.unavailable or "")
+
+
+def test_observe_gang_asks_nothing_for_a_job_without_gang_and_raises_other_errors() -> None:
+    lister = PodGroupLister([])
+    assert asyncio.run(observe_gang(lister, make_job())) is None  # type: ignore[arg-type]
+    assert lister.asked == []
+    with pytest.raises(ApiError):
+        observe(ApiError("list", 500, "etcd timeout"))
