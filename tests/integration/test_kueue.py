@@ -1,8 +1,8 @@
 """Kueue admits FineTuneJobs as whole gangs: the real Kueue manager (built from its Go module), the real control plane
 and the real operator with the chart's RBAC (rendered for a cluster that has Kueue's CRDs).
 
-No scheduler and no kubelet run: the tests set pod phases as a kubelet would, and every quota, admission, preemption
-and release decision is Kueue's own. Each test makes its own ResourceFlavor and ClusterQueue, so none depends on
+No scheduler and no kubelet run: the tests set pod phases as a kubelet would (and the topology test registers Node
+objects as kubelets would), and every quota, admission, topology, preemption and release decision is Kueue's own. Each test makes its own ResourceFlavor and ClusterQueue, so none depends on
 another's quota.
 """
 
