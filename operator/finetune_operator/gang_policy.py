@@ -5,8 +5,8 @@ The reconcile lists the job's PodGroups (``GangObservation``); the attempt's Pod
 current one once the job has finished, is suspended or waits in a Kueue queue (no pods, so nothing for the gang
 scheduler to hold capacity for). The garbage collector removes any left with the job (each names the job as its
 controller). A cluster that does not serve the PodGroup API (its CRD is not installed) or does not let the
-operator use it fails the job at once with reason PodGroupAPIUnavailable naming the CRD: pods handed to a
-scheduler that is not there would wait forever.
+operator use it fails a job with pods to create at once, with reason PodGroupAPIUnavailable naming the CRD: pods
+handed to a scheduler that is not there would wait forever.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ def unavailable_message(scheduler: str, api_version: str, http_status: int, deta
 
 
 def fail_without_pod_group_api(observed: ObservedJob, draft: DecisionDraft) -> bool:
-    """Fail the job whose PodGroup API is missing or forbidden, before any pod is handed to that scheduler."""
+    """Fail the job whose PodGroup API is missing or forbidden when pods of its attempt are still to be created,
+    before they are handed to that scheduler. A gang whose pods all exist trains on (its scheduler has placed it
+    already): a CRD removed or a permission lost in the meantime, a chart upgrade's moment without its Role, must
+    not kill a running job."""
     gang = observed.gang
-    if gang is None or gang.unavailable is None:
+    if gang is None or gang.unavailable is None or not observed.missing:
         return False
     draft.finish(succeeded=False, reason=c.REASON_POD_GROUP_API_UNAVAILABLE, message=gang.unavailable)
     return True

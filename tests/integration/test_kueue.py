@@ -2,8 +2,8 @@
 and the real operator with the chart's RBAC (rendered for a cluster that has Kueue's CRDs).
 
 No scheduler and no kubelet run: the tests set pod phases as a kubelet would (and the topology test registers Node
-objects as kubelets would), and every quota, admission, topology, preemption and release decision is Kueue's own. Each test makes its own ResourceFlavor and ClusterQueue, so none depends on
-another's quota.
+objects as kubelets would), and every quota, admission, topology, preemption and release decision is Kueue's own.
+Each test makes its own ResourceFlavor and ClusterQueue, so none depends on another's quota.
 """
 
 from __future__ import annotations

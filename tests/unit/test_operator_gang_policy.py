@@ -87,6 +87,13 @@ def test_a_missing_pod_group_api_fails_the_job_before_any_pod_is_created() -> No
     assert (described(again), again.status) == ([], status), "a failed job stays failed, no loop"
 
 
+def test_a_running_gang_trains_on_when_the_pod_group_api_goes_away() -> None:
+    message = unavailable_message("volcano", VOLCANO, 403, "forbidden")
+    running = [make_pod(0, 0, "Running"), make_pod(1, 0, "Running")]
+    decision = decide_gang({**GANG, "status": running_status(0)}, groups(unavailable=message), running)
+    assert (described(decision), decision.status["phase"]) == ([], "Running")
+
+
 def test_a_job_without_gang_is_not_touched_by_the_gang_steps() -> None:
     decision = decide_gang(TWO_NODES, None)
     assert "create PodGroup job-a0" not in described(decision)
