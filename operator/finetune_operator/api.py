@@ -43,7 +43,7 @@ METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s
 FROM_WATCH_CACHE: Final = {"resourceVersion": "0"}
 
 _PLURALS: Final = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events",
-                   "Workload": c.KUEUE_WORKLOADS}
+                   "Workload": c.KUEUE_WORKLOADS, c.POD_GROUP_KIND: c.POD_GROUPS}
 _KUEUE: Final = f"/apis/{c.KUEUE_API_VERSION}"
 
 Rule = tuple[str, str, str]
@@ -79,6 +79,19 @@ KUEUE_API_RBAC: Final[frozenset[Rule]] = frozenset({
     (c.KUEUE_GROUP, c.KUEUE_RESOURCE_FLAVORS, "get"),  # get_resource_flavor: node labels and tolerations
     (c.KUEUE_GROUP, c.KUEUE_PRIORITY_CLASSES, "get"),  # get_workload_priority_class: the Workload's priority
 })
+# With gang scheduling (spec.gang), granted by the chart where gangScheduling.volcano / .coscheduling is on: the
+# attempt's PodGroup of that scheduler's API group.
+def pod_group_rbac(group: str) -> frozenset[Rule]:
+    return frozenset({
+        (group, c.POD_GROUPS, "list"),  # list_pod_groups: each reconcile of a gang job; 404 means no CRD
+        (group, c.POD_GROUPS, "create"),  # create: the attempt's PodGroup, before its pods
+        (group, c.POD_GROUPS, "get"),  # create: whose is the PodGroup already there under that name?
+        (group, c.POD_GROUPS, "delete"),  # delete_pod_group: an earlier attempt's, or the job has no gang now
+    })
+
+
+VOLCANO_API_RBAC: Final[frozenset[Rule]] = pod_group_rbac(c.VOLCANO_GROUP)
+COSCHEDULING_API_RBAC: Final[frozenset[Rule]] = pod_group_rbac(c.COSCHEDULING_GROUP)
 # Not a request: every child names its job as controller with blockOwnerDeletion (so a foreground delete of the
 # job waits for its pods), and the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift and in
 # the local cluster) lets only someone who may update the owner's finalizers set that flag.
@@ -369,10 +382,11 @@ class KubeApi:
         return f"{path}/{quote(name)}" if name else path
 
     @classmethod
-    def child_path(cls, kind: str, namespace: str, name: str | None = None) -> str:
-        """A child's collection (or the child): core objects, or the job's Kueue Workload."""
-        if kind == "Workload":
-            path = f"{_KUEUE}/namespaces/{quote(namespace)}/{c.KUEUE_WORKLOADS}"
+    def child_path(cls, kind: str, namespace: str, name: str | None = None, api_version: str = "v1") -> str:
+        """A child's collection (or the child): core objects, the job's Kueue Workload, or its PodGroup."""
+        if kind in ("Workload", c.POD_GROUP_KIND):
+            base = _KUEUE if kind == "Workload" else f"/apis/{api_version}"
+            path = f"{base}/namespaces/{quote(namespace)}/{_PLURALS[kind]}"
             return f"{path}/{quote(name)}" if name else path
         return cls.core_path(namespace, _PLURALS[kind], name)
 
@@ -414,16 +428,15 @@ class KubeApi:
         collector would delete it under the new job. That raises ApiError, and the reconcile retries.
         """
         metadata = body["metadata"]
-        namespace, kind = metadata["namespace"], body["kind"]
-        status, created = await self.request(
-            "create", "POST", self.child_path(kind, namespace), body=body, ok_statuses=(409,)
-        )
+        namespace, kind, api_version = metadata["namespace"], body["kind"], str(body.get("apiVersion", "v1"))
+        collection = self.child_path(kind, namespace, api_version=api_version)
+        status, created = await self.request("create", "POST", collection, body=body, ok_statuses=(409,))
         if status != 409:
             return dict(created or {})
         owner = controller_of(body)
         if owner is None:
             return None
-        path = self.child_path(kind, namespace, metadata["name"])
+        path = self.child_path(kind, namespace, metadata["name"], api_version)
         found, existing = await self.request("get", "GET", path, ok_statuses=(404,))
         if found == 404:
             raise ApiError("create", 409, f"{body['kind']} {namespace}/{metadata['name']} was being deleted; retrying")
@@ -497,6 +510,18 @@ class KubeApi:
             "patch_status", "PATCH", self.child_path("Workload", namespace, name) + "/status", body=patch,
             content_type="application/merge-patch+json", ok_statuses=(404,),
         )
+        return status != 404
+
+    async def list_pod_groups(self, namespace: str, job_name: str, api_version: str) -> list[dict[str, Any]] | None:
+        """The job's PodGroups of one API; None when the cluster does not serve that API (its CRD is missing)."""
+        path = self.child_path(c.POD_GROUP_KIND, namespace, api_version=api_version)
+        params = {"labelSelector": f"{c.LABEL_JOB_NAME}={job_name}", **FROM_WATCH_CACHE}
+        status, body = await self.request("list", "GET", path, params=params, ok_statuses=(404,))
+        return None if status == 404 else list((body or {}).get("items") or [])
+
+    async def delete_pod_group(self, namespace: str, api_version: str, name: str) -> bool:
+        path = self.child_path(c.POD_GROUP_KIND, namespace, name, api_version)
+        status, _ = await self.request("delete", "DELETE", path, ok_statuses=(404,))
         return status != 404
 
     async def get_resource_flavor(self, name: str) -> dict[str, Any] | None:

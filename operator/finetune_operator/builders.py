@@ -1,5 +1,5 @@
-"""Pure builders of a FineTuneJob's children (headless Service, ConfigMap, one Pod per node, the Kueue Workload) as
-plain dicts."""
+"""Pure builders of a FineTuneJob's children (headless Service, ConfigMap, one Pod per node, the Kueue Workload, the
+gang scheduler's PodGroup) as plain dicts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,20 @@ import math
 from typing import Any
 
 from finetune_operator import constants as c
+from finetune_operator.gang import (
+    TOPOLOGY_KUEUE,
+    gang_pod_metadata,
+    gang_scheduler_name,
+    kueue_topology_annotations,
+    kueue_topology_pod_fields,
+    kueue_topology_request,
+    merge_pod_affinity,
+    pod_group_api_version,
+    pod_group_name,
+    pod_group_spec,
+    topology_pod_affinity,
+    topology_route,
+)
 from finetune_operator.render import render_trainer_config
 from finetune_operator.spec import FineTuneJob, JobMeta, format_time
 from finetune_operator.workload import Placement
@@ -76,16 +90,22 @@ def build_worker_pod(
     """Pod ``<job>-a<attempt>-n<rank>``: one torchrun per node, restartPolicy Never (the gang restarts as one); with
     Kueue, the admitted flavors' node labels and tolerations (``placement``) join the job's own."""
     spec = job.spec
+    gang_labels, gang_annotations = gang_pod_metadata(job)
+    topology_labels, topology_annotations = kueue_topology_pod_fields(job, workload_name(job.name))
     labels = {
         **_base_labels(job, c.COMPONENT_TRAINER),
         c.LABEL_NODE_RANK: str(rank),
         c.LABEL_ATTEMPT: str(job.attempt),
+        **gang_labels,
+        **topology_labels,
     }
     metadata = _metadata(job, pod_name(job.name, job.attempt, rank), labels)
     metadata["annotations"] = {
         c.ANNOTATION_SCRAPE: "true",
         c.ANNOTATION_PORT: str(spec.metrics.port),
         c.ANNOTATION_PATH: c.METRICS_PATH,
+        **gang_annotations,
+        **topology_annotations,
     }
     container: dict[str, Any] = {
         "name": c.CONTAINER_NAME,
@@ -131,19 +151,7 @@ def build_worker_pod(
         "containers": [container],
         "volumes": build_volumes(job),
     }
-    node_selector = {**spec.node_selector, **(placement.node_labels if placement else {})}
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    tolerations = [dict(t) for t in spec.tolerations]
-    tolerations += [dict(t) for t in (placement.tolerations if placement else ()) if dict(t) not in tolerations]
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if spec.affinity:
-        pod_spec["affinity"] = json.loads(json.dumps(spec.affinity))
-    if spec.priority_class_name:
-        pod_spec["priorityClassName"] = spec.priority_class_name
-    if spec.scheduler_name:
-        pod_spec["schedulerName"] = spec.scheduler_name
+    pod_spec.update(_placement_fields(job, placement))
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.image_pull_secrets:
@@ -151,19 +159,69 @@ def build_worker_pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
+def _placement_fields(job: FineTuneJob, placement: Placement | None) -> dict[str, Any]:
+    """Where and by whom the pod is scheduled: node selector and tolerations (the job's and Kueue's flavor's),
+    affinity (the user's, with the topology's pod affinity), priority, scheduler, and Kueue's topology gate."""
+    spec = job.spec
+    fields: dict[str, Any] = {}
+    node_selector = {**spec.node_selector, **(placement.node_labels if placement else {})}
+    if node_selector:
+        fields["nodeSelector"] = node_selector
+    tolerations = [dict(t) for t in spec.tolerations]
+    tolerations += [dict(t) for t in (placement.tolerations if placement else ()) if dict(t) not in tolerations]
+    if tolerations:
+        fields["tolerations"] = tolerations
+    own = json.loads(json.dumps(spec.affinity)) if spec.affinity else None
+    affinity = merge_pod_affinity(own, topology_pod_affinity(job))
+    if affinity:
+        fields["affinity"] = affinity
+    if spec.priority_class_name:
+        fields["priorityClassName"] = spec.priority_class_name
+    scheduler = gang_scheduler_name(spec)
+    if scheduler:
+        fields["schedulerName"] = scheduler
+    if topology_route(spec) == TOPOLOGY_KUEUE:
+        # Kueue's topology ungater sets the nodeSelector of the pod's assigned domain, then lifts the gate.
+        fields["schedulingGates"] = [{"name": c.KUEUE_TOPOLOGY_GATE}]
+    return fields
+
+
+def build_pod_group(job: FineTuneJob) -> dict[str, Any] | None:
+    """PodGroup ``<job>-a<attempt>`` of the job's gang scheduler (None without spec.gang): minMember pods, and the
+    resources they request together, before any of them is bound."""
+    api_version = pod_group_api_version(job.spec)
+    if api_version is None:
+        return None
+    labels = {**_base_labels(job, c.COMPONENT_TRAINER), c.LABEL_ATTEMPT: str(job.attempt)}
+    requests = build_resources(job).get("requests") or {}
+    return {
+        "apiVersion": api_version,
+        "kind": c.POD_GROUP_KIND,
+        "metadata": _metadata(job, pod_group_name(job.name, job.attempt), labels),
+        "spec": pod_group_spec(job, requests),
+    }
+
+
 def build_workload(job: FineTuneJob, default_image: str, priority: int | None = None) -> dict[str, Any]:
     """Kueue Workload ``finetunejob-<job>``: one pod set of ``distributed.nodes`` pods shaped like the workers, so
     Kueue admits (and preempts) the whole gang as one unit; ``priority`` is the WorkloadPriorityClass's value."""
     template = build_worker_pod(job, 0, default_image)
-    pod_spec = {key: value for key, value in template["spec"].items() if key not in ("hostname", "subdomain")}
-    spec: dict[str, Any] = {
-        "queueName": job.spec.queue_name,
-        "podSets": [{
-            "name": c.KUEUE_POD_SET,
-            "count": job.spec.distributed.nodes,
-            "template": {"metadata": {"labels": _base_labels(job, c.COMPONENT_TRAINER)}, "spec": pod_spec},
-        }],
+    # The pods' own names and the gate Kueue's topology ungater lifts pod by pod are not the pod set's.
+    pod_spec = {key: value for key, value in template["spec"].items()
+                if key not in ("hostname", "subdomain", "schedulingGates")}
+    template_metadata: dict[str, Any] = {"labels": _base_labels(job, c.COMPONENT_TRAINER)}
+    annotations = kueue_topology_annotations(job.spec)
+    if annotations:
+        template_metadata["annotations"] = annotations
+    pod_set: dict[str, Any] = {
+        "name": c.KUEUE_POD_SET,
+        "count": job.spec.distributed.nodes,
+        "template": {"metadata": template_metadata, "spec": pod_spec},
     }
+    topology_request = kueue_topology_request(job.spec)
+    if topology_request is not None:
+        pod_set["topologyRequest"] = topology_request
+    spec: dict[str, Any] = {"queueName": job.spec.queue_name, "podSets": [pod_set]}
     if job.spec.workload_priority_class is not None:
         spec["priorityClassRef"] = {"group": c.KUEUE_GROUP, "kind": c.KUEUE_PRIORITY_CLASS_KIND,
                                     "name": job.spec.workload_priority_class}

@@ -229,6 +229,33 @@ WORKLOAD_NO_RESERVATION_REASON: Final = "NoReservation"
 # Evictions after which Kueue's integrations mark the Workload Requeued (it queues again at once).
 WORKLOAD_REQUEUED_EVICTIONS: Final = frozenset({"Preempted", "NodeFailures"})
 
+# Kueue's topology-aware scheduling: the pod set's level annotations (as on a Job's pod template), and what lets
+# Kueue's topology ungater find the pods and give each the nodeSelector of its assigned domain.
+KUEUE_REQUIRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-required-topology"
+KUEUE_PREFERRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-preferred-topology"
+KUEUE_WORKLOAD_ANNOTATION: Final = "kueue.x-k8s.io/workload"
+KUEUE_POD_SET_LABEL: Final = "kueue.x-k8s.io/podset"
+KUEUE_TOPOLOGY_GATE: Final = "kueue.x-k8s.io/topology"
+
+# ---- gang scheduling: a PodGroup per attempt (spec.gang) -------------------------------------------------
+GANG_VOLCANO: Final = "volcano"
+GANG_COSCHEDULING: Final = "coscheduling"
+VOLCANO_GROUP: Final = "scheduling.volcano.sh"
+VOLCANO_API_VERSION: Final = f"{VOLCANO_GROUP}/v1beta1"
+# Volcano's scheduler name, and the pod annotation naming the pod's PodGroup (KubeGroupNameAnnotationKey).
+VOLCANO_SCHEDULER_NAME: Final = "volcano"
+VOLCANO_GROUP_ANNOTATION: Final = "scheduling.k8s.io/group-name"
+COSCHEDULING_GROUP: Final = "scheduling.x-k8s.io"
+COSCHEDULING_API_VERSION: Final = f"{COSCHEDULING_GROUP}/v1alpha1"
+# The second scheduler scheduler-plugins' manifests install, and the pod label naming the pod's PodGroup.
+COSCHEDULING_SCHEDULER_NAME: Final = "scheduler-plugins-scheduler"
+COSCHEDULING_GROUP_LABEL: Final = "scheduling.x-k8s.io/pod-group"
+POD_GROUP_KIND: Final = "PodGroup"
+POD_GROUPS: Final = "podgroups"
+# spec.gang.scheduler → the PodGroup API it reads.
+POD_GROUP_API_VERSIONS: Final = {GANG_VOLCANO: VOLCANO_API_VERSION, GANG_COSCHEDULING: COSCHEDULING_API_VERSION}
+REASON_POD_GROUP_API_UNAVAILABLE: Final = "PodGroupAPIUnavailable"
+
 # ---- operator settings (the Helm chart sets exactly these) -----------------------------------------------
 ENV_NAMESPACES: Final = "FINETUNE_NAMESPACES"
 ENV_TRAINER_IMAGE: Final = "FINETUNE_TRAINER_IMAGE"

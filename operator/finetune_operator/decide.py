@@ -3,10 +3,10 @@
 ``decide`` is a pure function (no client, no clock) written as one flat list of steps, in the order of
 kubernetes-sigs/jobset's reconcile: observe the pods, accept the spec (``invalid_spec_policy``), then run the
 policies of ``POLICIES`` in turn, each in its own module (finished jobs and their TTL, older attempts' pods,
-suspension, success, Kueue admission, gang failure, the active deadline, restart backoff, refused pod creates, the
-startup deadline, capacity); the first that completes the decision ends it. Otherwise the missing children of the
-gang are created and Running and the progress recorded. Last, a Kueue Workload follows the job (Finished, or
-deleted on suspend).
+suspension, success, a missing PodGroup API, Kueue admission, gang failure, the active deadline, restart backoff,
+refused pod creates, the startup deadline, capacity); the first that completes the decision ends it. Otherwise the
+missing children of the gang are created and Running and the progress recorded. Last, a Kueue Workload follows the
+job (Finished, or deleted on suspend), and so do the gang scheduler's PodGroups (``gang_policy``).
 The status it returns is the whole next status; the caller writes it in one patch when it differs.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from finetune_operator import constants as c
-from finetune_operator.builders import build_config_map, build_service, build_worker_pod
+from finetune_operator.builders import build_config_map, build_pod_group, build_service, build_worker_pod
 from finetune_operator.capacity_policy import wait_for_capacity
 from finetune_operator.deadline_policy import fail_past_active_deadline, fail_past_startup_deadline
 from finetune_operator.decision import (
@@ -30,6 +30,8 @@ from finetune_operator.decision import (
     start_draft,
 )
 from finetune_operator.failure_policy import delete_stale_pods, restart_or_fail, wait_for_restart
+from finetune_operator.gang import GangObservation, pod_group_name
+from finetune_operator.gang_policy import fail_without_pod_group_api, release_pod_groups
 from finetune_operator.invalid_spec_policy import accept_spec
 from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import fail_on_refused_creates
@@ -56,13 +58,17 @@ class DecideSettings(Protocol):
 
 
 def _create_gang(observed: ObservedJob, draft: DecisionDraft, trainer_image: str) -> None:
-    """The Service and the ConfigMap (its config names the attempt), then every missing pod; the job enters
-    Pending when it was new, suspended or restarting."""
+    """The Service, the ConfigMap (its config names the attempt) and the attempt's PodGroup, then every missing
+    pod; the job enters Pending when it was new, suspended or restarting."""
     job, status = observed.job, draft.status
     if observed.missing:
         placement = observed.queue.placement
         draft.actions.append(CreateChild(build_service(job)))
         draft.actions.append(CreateChild(build_config_map(job), update_existing=True))
+        pod_group = build_pod_group(job)
+        present = observed.gang is not None and observed.gang.has(pod_group_name(job.name, job.attempt))
+        if pod_group is not None and not present:
+            draft.actions.append(CreateChild(pod_group))
         draft.actions += [CreateChild(build_worker_pod(job, rank, trainer_image, placement))
                           for rank in observed.missing]
     status.clear_time("restartAfter")
@@ -122,6 +128,9 @@ POLICIES: tuple[Policy, ...] = (
     suspend,
     # Success: node rank 0 finished training and exported the model.
     finish_on_success,
+    # Gang scheduling (spec.gang): a cluster that does not serve the PodGroup API fails the job before any pod is
+    # handed to a scheduler that is not there.
+    fail_without_pod_group_api,
     # Kueue (spec.queueName): no pods until the Workload is admitted; an eviction stops the gang, which comes back
     # as the next attempt (not counted) once Kueue admits it again.
     wait_for_admission,
@@ -153,9 +162,10 @@ def decide(
     settings: DecideSettings,
     sample: ProgressSample | None = None,
     queue: QueueObservation | None = None,
+    gang: GangObservation | None = None,
 ) -> Decision:
-    """What to do next for one FineTuneJob (the raw object, its labelled pods, those pods' Events, and with
-    spec.queueName its Kueue Workload)."""
+    """What to do next for one FineTuneJob (the raw object, its labelled pods, those pods' Events, with
+    spec.queueName its Kueue Workload, with spec.gang its PodGroups)."""
     # A job being deleted is left to the garbage collector, which removes its children.
     if parse_meta(job).deleting:
         return Decision((), dict(job.get("status") or {}))
@@ -163,9 +173,10 @@ def decide(
     # An invalid spec fails the job with an InvalidSpec condition naming the field; a corrected one starts it again.
     parsed = accept_spec(job, draft)
     if parsed is None:
+        release_pod_groups(gang, draft)
         return draft.decision()
     # The current attempt and its pods, then the policies in order.
-    observed = observe_job(parsed, draft.status, draft.pods, events, sample, queue, settings.trainer_image)
+    observed = observe_job(parsed, draft.status, draft.pods, events, sample, queue, settings.trainer_image, gang)
     for policy in POLICIES:
         if policy(observed, draft):
             break
@@ -175,6 +186,8 @@ def decide(
         _create_gang(observed, draft, settings.trainer_image)
         _record_running(observed, draft)
         _record_progress(observed, draft)
-    # Kueue: a finished job frees its quota at once, a suspended one leaves the queue.
+    # Kueue: a finished job frees its quota at once, a suspended one leaves the queue. PodGroups of past attempts
+    # go, and the current one once the job has no gang to schedule.
     release_workload(observed, draft)
+    release_pod_groups(gang, draft)
     return draft.decision()

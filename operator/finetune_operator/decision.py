@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from finetune_operator.gang import GangObservation
 from finetune_operator.job_status import EventToEmit, JobStatus
 from finetune_operator.pod_view import PodView
 from finetune_operator.progress import ProgressSample
@@ -63,7 +64,15 @@ class PatchWorkloadStatus:
     patch: Mapping[str, Any]
 
 
-Action = CreateChild | DeletePod | DeleteJob | DeleteWorkload | PatchWorkloadStatus
+@dataclass(frozen=True)
+class DeletePodGroup:
+    """Delete a PodGroup of the job (404 is success): its attempt is over, or the job has no gang to schedule."""
+
+    api_version: str
+    name: str
+
+
+Action = CreateChild | DeletePod | DeleteJob | DeleteWorkload | PatchWorkloadStatus | DeletePodGroup
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,8 @@ class ObservedJob:
     queue: QueueObservation = field(default_factory=QueueObservation)
     # The image of pods whose spec names none (the operator's setting).
     trainer_image: str = ""
+    # With spec.gang: the job's PodGroups, or why their API cannot be used.
+    gang: GangObservation | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -108,6 +119,7 @@ def observe_job(
     sample: ProgressSample | None = None,
     queue: QueueObservation | None = None,
     trainer_image: str = "",
+    gang: GangObservation | None = None,
 ) -> ObservedJob:
     """The job on its current attempt: the status's, or a newer one whose pods exist (a status write that was
     lost), which the status then records. ``current`` are that attempt's pods by rank, ``stale`` the others',
@@ -125,6 +137,7 @@ def observe_job(
         sample=sample,
         queue=queue or QueueObservation(),
         trainer_image=trainer_image,
+        gang=gang,
     )
 
 

@@ -28,10 +28,12 @@ import kopf
 from finetune_operator import constants as c
 from finetune_operator.api import (
     API_RBAC,
+    COSCHEDULING_API_RBAC,
     KUEUE_API_RBAC,
     LIST_CHUNK,
     OWNER_RBAC,
     PEERING_API_GROUP,
+    VOLCANO_API_RBAC,
     KubeApi,
     Rule,
     load_connection,
@@ -88,12 +90,17 @@ def kopf_peering_rbac(clusterwide: bool) -> frozenset[Rule]:
     return frozenset({(PEERING_API_GROUP, plural, verb) for verb in ("list", "watch", "patch")})
 
 
-def required_rbac(*, clusterwide: bool, peering: bool, kueue: bool = False) -> frozenset[Rule]:
+def required_rbac(*, clusterwide: bool, peering: bool, kueue: bool = False, volcano: bool = False,
+                  coscheduling: bool = False) -> frozenset[Rule]:
     """Every permission the operator uses, its own requests (api.API_RBAC) and kopf's: exactly the chart's RBAC
-    (``kueue`` where Kueue's CRDs exist)."""
+    (``kueue`` where Kueue's CRDs exist; ``volcano`` and ``coscheduling`` with the chart's gangScheduling values)."""
     rules = API_RBAC | OWNER_RBAC | KOPF_RBAC | KOPF_CLUSTER_RBAC
     if kueue:
         rules |= KUEUE_API_RBAC | KOPF_KUEUE_RBAC
+    if volcano:
+        rules |= VOLCANO_API_RBAC
+    if coscheduling:
+        rules |= COSCHEDULING_API_RBAC
     if not clusterwide:
         rules |= KOPF_NAMESPACED_RBAC
     if peering:

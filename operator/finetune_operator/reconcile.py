@@ -41,9 +41,12 @@ from finetune_operator.decision import (
     Decision,
     DeleteJob,
     DeletePod,
+    DeletePodGroup,
     DeleteWorkload,
     PatchWorkloadStatus,
 )
+from finetune_operator.gang import GangObservation, observe_pod_groups
+from finetune_operator.gang_policy import unavailable_message
 from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
@@ -402,10 +405,11 @@ class Reconciler:
             slot.progress_read_at = self.monotonic()
             sample = await self._read_progress(body, views, str(uid))
         queue = await observe_queue(self.api, body, views)
+        gang = await observe_gang(self.api, body)
 
         # Decide.
         now = self.clock()
-        decision = decide(body, pods, events, now, self.settings, sample, queue)
+        decision = decide(body, pods, events, now, self.settings, sample, queue, gang)
         creates = any(isinstance(a, CreateChild) for a in decision.actions)
         if creates and not read_now and not await self._still_there(namespace, name, slot):
             return None
@@ -484,6 +488,8 @@ class Reconciler:
                     if isinstance(a, DeleteWorkload)]
         deletes += [self.api.patch_workload_status(namespace, a.name, a.patch) for a in decision.actions
                     if isinstance(a, PatchWorkloadStatus)]
+        deletes += [self.api.delete_pod_group(namespace, a.api_version, a.name) for a in decision.actions
+                    if isinstance(a, DeletePodGroup)]
         errors = await gather_actions(deletes)
         creates = [a for a in decision.actions if isinstance(a, CreateChild)]
 
@@ -614,6 +620,28 @@ async def observe_queue(
         return QueueObservation(workload)
     flavors = await asyncio.gather(*(api.get_resource_flavor(flavor) for flavor in workload.flavor_names))
     return QueueObservation(workload, placement_of(flavor for flavor in flavors if flavor))
+
+
+async def observe_gang(api: KubeApi, body: Mapping[str, Any]) -> GangObservation | None:
+    """For a job with spec.gang: its PodGroups (a deleted job's of the same name left out), or why the
+    scheduler's PodGroup API cannot be used (not served: no CRD; forbidden: the chart did not grant it)."""
+    spec, metadata = body.get("spec") or {}, body.get("metadata") or {}
+    gang = spec.get("gang") if isinstance(spec, Mapping) else None
+    scheduler = str(gang.get("scheduler")) if isinstance(gang, Mapping) else ""
+    api_version = c.POD_GROUP_API_VERSIONS.get(scheduler)
+    if api_version is None:
+        return None
+    namespace, name = str(metadata.get("namespace") or "default"), str(metadata.get("name"))
+    try:
+        items = await api.list_pod_groups(namespace, name, api_version)
+    except ApiError as error:
+        if error.status != 403:
+            raise
+        return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 403, error.message))
+    if items is None:
+        return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 404))
+    owned = [item for item in items if _owned_by(item, metadata.get("uid"))]
+    return GangObservation(api_version, observe_pod_groups(owned))
 
 
 def _owned_by(pod: Mapping[str, Any], uid: Any) -> bool:

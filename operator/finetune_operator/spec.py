@@ -23,6 +23,7 @@ from finetune_operator.spec_reader import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     HTTP_URL,
+    LABEL_KEY,
     SHA256,
     URI,
     InvalidSpecError,
@@ -207,6 +208,30 @@ class RestartBackoffSpec:
 
 
 @dataclass(frozen=True)
+class GangSpec:
+    """A PodGroup per attempt for a gang scheduler: no pod of the gang binds until ``min_member`` of them can."""
+
+    scheduler: str = spec_field(enum=("volcano", "coscheduling"))
+    # None: the whole gang (distributed.nodes), the only size torchrun's fixed world can start with.
+    min_member: int | None = spec_field(None, minimum=1, maximum=1024)
+    schedule_timeout_seconds: int = spec_field(300, minimum=1, maximum=86400)
+    queue: str | None = spec_field(None, pattern=DNS_SUBDOMAIN, max_length=253)
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """The node label key (a topology level) whose one domain the gang must (required) or should (preferred)
+    share."""
+
+    required: str | None = spec_field(None, pattern=LABEL_KEY, max_length=63)
+    preferred: str | None = spec_field(None, pattern=LABEL_KEY, max_length=63)
+
+    @property
+    def level(self) -> str:
+        return self.required or self.preferred or ""
+
+
+@dataclass(frozen=True)
 class JobSpec:
     model: ModelSpec
     dataset: DatasetSpec
@@ -232,6 +257,9 @@ class JobSpec:
     # Kueue: the LocalQueue the job waits in for admission of its whole gang, and the priority it waits with.
     queue_name: str | None = spec_field(None, pattern=DNS_LABEL, max_length=63)
     workload_priority_class: str | None = spec_field(None, pattern=DNS_SUBDOMAIN, max_length=253)
+    # Gang scheduling by Volcano or scheduler-plugins' coscheduling, and where in the network the gang lands.
+    gang: GangSpec | None = None
+    topology: TopologySpec | None = None
     backoff_limit: int = spec_field(3, minimum=0, maximum=1000)
     retryable_exit_codes: frozenset[int] = frozenset()
     restart_backoff: RestartBackoffSpec = field(default_factory=RestartBackoffSpec)
@@ -240,6 +268,13 @@ class JobSpec:
     capacity_timeout_seconds: int = spec_field(1800, minimum=1, maximum=604800)
     ttl_seconds_after_finished: int | None = spec_field(None, minimum=0)
     clean_pod_policy: str = spec_field("All", enum=("All", "Running", "None"))
+
+    @property
+    def gang_min_member(self) -> int:
+        """The PodGroup's minMember: spec.gang.minMember, else the whole gang."""
+        if self.gang is not None and self.gang.min_member is not None:
+            return self.gang.min_member
+        return self.distributed.nodes
 
     @property
     def export(self) -> str:
@@ -405,6 +440,7 @@ def parse_spec(data: Any) -> JobSpec:
     """The typed spec with the CRD's defaults applied, or InvalidSpecError naming the first bad field."""
     r = Reader(data, "spec")
     distributed = r.obj("distributed")
+    gang, topology = r.optional_obj("gang"), r.optional_obj("topology")
     spec = read_fields(
         JobSpec,
         r,
@@ -427,6 +463,8 @@ def parse_spec(data: Any) -> JobSpec:
         storage=read_fields(StorageSpec, r.obj("storage")),
         retryable_exit_codes=_parse_exit_codes(r),
         restart_backoff=read_fields(RestartBackoffSpec, r.obj("restartBackoff")),
+        gang=None if gang is None else read_fields(GangSpec, gang),
+        topology=None if topology is None else read_fields(TopologySpec, topology),
     )
     check_spec(spec)
     return spec

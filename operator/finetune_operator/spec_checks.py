@@ -28,7 +28,8 @@ CHECKS: Final = (
     "spec.tolerations[i]: operator Exists takes no value",
     "the CEL rules again (epochs xor maxSteps, lora only with method lora, export vs method, offload vs zeroStage,"
     " earlyStopping needs evalEvery, evalSplit xor evalUri, procsPerNode <= gpus, backoff initial <= max,"
-    " workloadPriorityClass needs queueName)",
+    " workloadPriorityClass needs queueName, gang.minMember <= distributed.nodes, gang.queue only with volcano,"
+    " topology names exactly one of required and preferred)",
 )
 
 MAX_WORLD_SIZE: Final = 1024
@@ -83,6 +84,19 @@ def check_cel_rules(spec: JobSpec) -> None:
         raise InvalidSpecError("spec.restartBackoff.initialSeconds", "cannot exceed restartBackoff.maxSeconds")
     if spec.workload_priority_class is not None and spec.queue_name is None:
         raise InvalidSpecError("spec.workloadPriorityClass", "needs queueName: it orders the job in a Kueue queue")
+    check_gang_rules(spec)
+
+
+def check_gang_rules(spec: JobSpec) -> None:
+    """spec.gang and spec.topology: the CEL rules again."""
+    gang, topology, nodes = spec.gang, spec.topology, spec.distributed.nodes
+    if gang is not None and gang.min_member is not None and gang.min_member > nodes:
+        raise InvalidSpecError("spec.gang.minMember", f"{gang.min_member} exceeds distributed.nodes {nodes}: the "
+                               "gang has no more pods than nodes")
+    if gang is not None and gang.queue is not None and gang.scheduler != "volcano":
+        raise InvalidSpecError("spec.gang.queue", "is a Volcano queue: only with gang.scheduler volcano")
+    if topology is not None and (topology.required is None) == (topology.preferred is None):
+        raise InvalidSpecError("spec.topology", "set exactly one of topology.required and topology.preferred")
 
 
 def check_sizes(spec: JobSpec) -> None:

@@ -24,11 +24,16 @@ SHA256: Final = re.compile(r"^[a-f0-9]{64}$")
 # Kubernetes object names: a LocalQueue's (DNS-1123 label), a cluster-scoped class's (DNS-1123 subdomain).
 DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# A node label key (an optional DNS-subdomain prefix and '/', then a name), as topology levels are named.
+LABEL_KEY: Final = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 _PATTERN_NAMES: Final = {
     URI.pattern: "s3://bucket/key or file:///absolute/path",
     HTTP_URL.pattern: "an http:// or https:// URL",
     DNS_LABEL.pattern: "a DNS label (lowercase letters, digits and '-')",
     DNS_SUBDOMAIN.pattern: "a DNS subdomain (lowercase letters, digits, '-' and '.')",
+    LABEL_KEY.pattern: "a node label key such as topology.kubernetes.io/zone",
 }
 _QUANTITY = re.compile(r"^\+?(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _SUFFIX_FACTORS: Final = {

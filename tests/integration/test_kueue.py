@@ -1,13 +1,14 @@
 """Kueue admits FineTuneJobs as whole gangs: the real Kueue manager (built from its Go module), the real control plane
 and the real operator with the chart's RBAC (rendered for a cluster that has Kueue's CRDs).
 
-No scheduler and no kubelet run: the tests set pod phases as a kubelet would, and every quota, admission, preemption
-and release decision is Kueue's own. Each test makes its own ResourceFlavor and ClusterQueue, so none depends on
-another's quota.
+No scheduler and no kubelet run: the tests set pod phases as a kubelet would (and the topology test registers Node
+objects as kubelets would), and every quota, admission, topology, preemption and release decision is Kueue's own.
+Each test makes its own ResourceFlavor and ClusterQueue, so none depends on another's quota.
 """
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 import uuid
 from collections.abc import Iterator
@@ -59,13 +60,17 @@ def client(plane: tuple[ControlPlane, pathlib.Path, Kueue], operator: OperatorPr
 class Queue:
     """A ResourceFlavor, a ClusterQueue with ``cpus`` of it and a LocalQueue in ``ns``, all named for one test."""
 
-    def __init__(self, client: Client, ns: str, cpus: int, preemption: bool = False) -> None:
+    def __init__(self, client: Client, ns: str, cpus: int, preemption: bool = False,
+                 topology: str | None = None) -> None:
         self.client, self.ns = client, ns
         self.flavor = self.cluster_queue = f"q-{uuid.uuid4().hex[:8]}"
         self.local_queue = "team"
+        flavor: dict[str, Any] = {"nodeLabels": {"pool": self.flavor}, "tolerations": [TOLERATION]}
+        if topology is not None:
+            flavor["topologyName"] = topology
         client.call("POST", f"{KUEUE}/resourceflavors", {
             "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": self.flavor},
-            "spec": {"nodeLabels": {"pool": self.flavor}, "tolerations": [TOLERATION]}})
+            "spec": flavor})
         spec: dict[str, Any] = {"namespaceSelector": {}, "resourceGroups": [self._group(cpus)]}
         if preemption:
             spec["preemption"] = {"withinClusterQueue": "LowerPriority"}
@@ -209,3 +214,55 @@ def test_the_kueue_example_works_as_written(client: Client, plane: tuple[Control
         assert TOLERATION in pod["spec"]["tolerations"]
     workload = client.call("GET", f"{KUEUE}/namespaces/team-a/workloads/finetunejob-mistral-7b-qa")
     assert workload["spec"]["priority"] == 1000
+
+
+RACK = "cloud.provider.com/topology-rack"
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def add_ready_node(client: Client, name: str, labels: dict[str, str]) -> None:
+    """A Node as its kubelet would report it: 2 CPUs (one pod of the gang), Ready. No kubelet runs: the test is
+    over well before the node lifecycle controller would miss its heartbeats."""
+    client.call("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
+                                          "metadata": {"name": name, "labels": {HOSTNAME: name, **labels}}})
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    amounts = {"cpu": "2", "memory": "8Gi", "pods": "110"}
+    client.call("PATCH", f"/api/v1/nodes/{name}/status", {"status": {
+        "capacity": amounts, "allocatable": amounts,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "ready",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}]}}, "application/merge-patch+json")
+
+
+def test_a_required_topology_puts_the_whole_gang_in_the_one_rack_kueue_chose(client: Client) -> None:
+    """Kueue's topology-aware scheduling: one node in rack r1, two in r2, one pod per node. Kueue admits the gang
+    into r2, the only rack that takes both pods, and its topology ungater gives each gated pod the nodeSelector
+    of its node, then lifts the gate. No scheduler runs: binding the pods to those nodes is the scheduler's part."""
+    ns = client.create_namespace()
+    tag = uuid.uuid4().hex[:8]
+    topology = f"racks-{tag}"
+    client.call("POST", f"{KUEUE}/topologies", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Topology", "metadata": {"name": topology},
+        "spec": {"levels": [{"nodeLabel": RACK}, {"nodeLabel": HOSTNAME}]}})
+    queue = Queue(client, ns, cpus=GANG_CPUS, topology=topology)
+    nodes = {f"{tag}-a": f"{tag}-r1", f"{tag}-b": f"{tag}-r2", f"{tag}-c": f"{tag}-r2"}
+    for name, rack in nodes.items():
+        add_ready_node(client, name, {"pool": queue.flavor, RACK: rack})
+
+    client.create_job(ns, "llm", queueName=queue.local_queue, topology={"required": RACK})
+    workload = wait_until(lambda: queue.workload("llm"), what="the Workload")
+    assert workload["spec"]["podSets"][0]["topologyRequest"] == {"required": RACK,
+                                                                 "podIndexLabel": "finetune.dev/node-rank"}
+    wait_until(pods_are(client, ns, ["llm-a0-n0", "llm-a0-n1"]), what="the gang, once admitted")
+
+    def ungated() -> list[dict[str, Any]] | None:
+        pods = client.items(ns, "pods")
+        return pods if all(not pod["spec"].get("schedulingGates") for pod in pods) else None
+
+    pods = wait_until(ungated, what="Kueue's topology ungater to lift the gates")
+    selectors = [pod["spec"]["nodeSelector"] for pod in pods]
+    # The assignment names the lowest level only (a node implies its rack).
+    assert sorted(selector[HOSTNAME] for selector in selectors) == [f"{tag}-b", f"{tag}-c"]
+    assert {nodes[selector[HOSTNAME]] for selector in selectors} == {f"{tag}-r2"}
+    assert all(selector["pool"] == queue.flavor for selector in selectors)
+    for pod in pods:
+        assert pod["metadata"]["annotations"]["kueue.x-k8s.io/podset-required-topology"] == RACK

@@ -16,6 +16,7 @@ from finetune_operator.decision import (
     Decision,
     DeleteJob,
     DeletePod,
+    DeletePodGroup,
     DeleteWorkload,
     PatchWorkloadStatus,
     Policy,
@@ -236,6 +237,8 @@ def described(decision: Decision) -> list[str]:
             out.append(f"delete Workload {action.name}")
         elif isinstance(action, PatchWorkloadStatus):
             out.append(f"patch Workload {action.name} status")
+        elif isinstance(action, DeletePodGroup):
+            out.append(f"delete PodGroup {action.name}")
     return out
 
 

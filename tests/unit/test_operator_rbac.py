@@ -22,8 +22,18 @@ from chart_render import of_kind, render
 from operator_factories import at, make_job, make_pod
 from test_chart import rule_set
 
+from finetune_operator import constants as c
 from finetune_operator import handlers
-from finetune_operator.api import API_RBAC, KUEUE_API_RBAC, ApiError, KubeApi, Rule, peering_rbac
+from finetune_operator.api import (
+    API_RBAC,
+    COSCHEDULING_API_RBAC,
+    KUEUE_API_RBAC,
+    VOLCANO_API_RBAC,
+    ApiError,
+    KubeApi,
+    Rule,
+    peering_rbac,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.peering import PeeringCheck
 from finetune_operator.reconcile import Reconciler
@@ -279,13 +289,51 @@ def run_life_of_a_queued_job() -> InMemoryApi:
     return api
 
 
+def run_life_of_a_gang_job(scheduler: str) -> InMemoryApi:
+    """A gang job: a deleted job's PodGroup of the same name is not reused; the attempt's PodGroup comes before its
+    pods, the next attempt gets a new one (the old one goes), and the last goes when the job succeeds."""
+    api = InMemoryApi()
+    api.put(JOBS, make_job(spec__distributed__nodes=2, spec__gang={"scheduler": scheduler},
+                           spec__restartBackoff={"initialSeconds": 0, "maxSeconds": 0}))
+    groups = f"/apis/{c.POD_GROUP_API_VERSIONS[scheduler]}/namespaces/ns/podgroups"
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=lambda: at(1))
+
+    async def step() -> None:
+        await reconciler.reconcile("ns", "job", api.objects.get((JOBS, "job")))
+
+    async def life() -> None:
+        api.put(groups, {"metadata": {"name": "job-a0", "labels": {"finetune.dev/job-name": "job"},
+                                      "ownerReferences": [{"kind": "FineTuneJob", "name": "job", "uid": "old",
+                                                           "controller": True}]}})
+        with pytest.raises(ApiError, match="PodGroup ns/job-a0 already exists"):
+            await step()
+        del api.objects[(groups, "job-a0")]
+        await step()
+        assert sorted(api.items(groups)) == ["job-a0"] and len(api.items(PODS)) == 2
+        api.objects[(PODS, "job-a0-n1")]["status"] = make_pod(1, 0, phase="Failed", exit_code=1)["status"]
+        for _ in range(3):  # the failed attempt's pods and PodGroup go, attempt 1 gets its own
+            await step()
+        assert sorted(api.items(groups)) == ["job-a1"]
+        api.objects[(PODS, "job-a1-n0")]["status"] = make_pod(0, 1, phase="Succeeded", exit_code=0)["status"]
+        for _ in range(2):
+            await step()
+        assert api.items(groups) == {}
+        await reconciler.close()
+
+    asyncio.run(life())
+    return api
+
+
 def test_every_request_the_operator_makes_is_in_the_api_rbac_table_and_nothing_else() -> None:
     plain, queued = run_life_of_a_job(), run_life_of_a_queued_job()
-    assert plain.methods | queued.methods == set(public_methods()), "every KubeApi request is exercised"
+    volcano, coscheduling = run_life_of_a_gang_job("volcano"), run_life_of_a_gang_job("coscheduling")
+    assert plain.methods | queued.methods | volcano.methods == set(public_methods()), "every request is exercised"
     used = {rule_of(method, path, params) for method, path, params in plain.requests}
     assert used == API_RBAC | peering_rbac(clusterwide=True) | peering_rbac(clusterwide=False)
     used_queued = {rule_of(method, path, params) for method, path, params in queued.requests}
     assert used_queued - API_RBAC == KUEUE_API_RBAC
+    for life, rules in ((volcano, VOLCANO_API_RBAC), (coscheduling, COSCHEDULING_API_RBAC)):
+        assert {rule_of(method, path, params) for method, path, params in life.requests} - API_RBAC == rules
 
 
 def test_rule_of_maps_requests_as_the_authorizer_does() -> None:
@@ -317,6 +365,10 @@ INSTALLS: dict[str, list[str]] = {
     "cluster scope, Kueue installed": ["--api-versions", KUEUE_API],
     "namespace scope, Kueue installed": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}",
                                          "--api-versions", KUEUE_API],
+    "cluster scope, Volcano": ["--set", "gangScheduling.volcano=true"],
+    "cluster scope, both gang schedulers": ["--set", "gangScheduling.volcano=true",
+                                            "--set", "gangScheduling.coscheduling=true"],
+    "namespace scope, coscheduling": ["--set", "rbac.scope=namespace", "--set", "gangScheduling.coscheduling=true"],
 }
 
 
@@ -327,7 +379,9 @@ def test_the_chart_grants_exactly_what_the_operator_uses(helm_bin: Path, install
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = load_settings([], environ=env)
     needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None,
-                                    kueue=KUEUE_API in INSTALLS[install])
+                                    kueue=KUEUE_API in INSTALLS[install],
+                                    volcano="gangScheduling.volcano=true" in INSTALLS[install],
+                                    coscheduling="gangScheduling.coscheduling=true" in INSTALLS[install])
     namespaced = {rule for rule in needed if rule[1] not in CLUSTER_SCOPED}
     if "namespace scope" in install:
         roles = of_kind(docs, "Role")

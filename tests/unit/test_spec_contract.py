@@ -31,6 +31,7 @@ RULES = ("default", "minimum", "maximum", "enum")
 # A spec in which every optional section with rules is present, so each of their fields is read.
 BASE = {
     "spec.training": {"method": "lora", "maxSteps": 10, "lora": {}, "evalEvery": 5, "earlyStopping": {"patience": 2}},
+    "spec.gang": {"scheduler": "coscheduling"},
 }
 # Other fields a value at a bound needs to stay valid (the CEL rules and cross-field checks tie them).
 COMPANIONS: dict[str, dict[str, Any]] = {
@@ -40,6 +41,7 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "spec.restartBackoff.initialSeconds": {"spec.restartBackoff.maxSeconds": 86400},
     "spec.restartBackoff.maxSeconds": {"spec.restartBackoff.initialSeconds": 0},
     "spec.checkpoint.gracePeriodSeconds": {"spec.activeDeadlineSeconds": DELETE},
+    "spec.gang.minMember": {"spec.distributed.nodes": 1024},
 }
 # Bounds no whole spec can sit on, and why.
 UNREACHABLE = {

@@ -153,6 +153,19 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
   resources: ["workloads/status"]
   verbs: ["patch"]
 {{- end }}
+{{- if $root.Values.gangScheduling.volcano }}
+# Gang scheduling by Volcano (gangScheduling.volcano): a PodGroup per attempt of each gang job, created before its
+# pods, listed on every reconcile, deleted when the attempt or the job ends; read when a create finds the name taken.
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["get", "list", "create", "delete"]
+{{- end }}
+{{- if $root.Values.gangScheduling.coscheduling }}
+# Gang scheduling by scheduler-plugins' coscheduling (gangScheduling.coscheduling): the same, in its API group.
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["get", "list", "create", "delete"]
+{{- end }}
 {{- if and $peering (not $clusterwide) }}
 # Peering between replicas in namespaced mode: one KopfPeering per watched namespace (kopf watches it and patches
 # its keep-alives; the operator reads it to pause its resync while another replica works).
