@@ -225,6 +225,13 @@ class Kubelet:
         grace = float((record.pod.get("spec") or {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
         self._loop.call_soon_threadsafe(self._request_termination, record, "evict", grace, message)
 
+    def container_pid(self, namespace: str, name: str) -> int | None:
+        """The pid of the pod's running container process (the workload's processes are its descendants)."""
+        record = self._find(namespace, name)
+        if record is None or record.process is None or record.process.returncode is not None:
+            return None
+        return int(record.process.pid)
+
     def pod_ip(self, namespace: str, name: str) -> str | None:
         record = self._find(namespace, name)
         return record.ip if record else None

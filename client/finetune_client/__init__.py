@@ -7,6 +7,7 @@ from finetune_client.errors import (
     DataRejected,
     InvalidJob,
     JobNotFound,
+    LogNotFound,
     StorageFailed,
 )
 from finetune_client.job import (
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidJob",
     "Job",
     "JobNotFound",
+    "LogNotFound",
     "Lora",
     "Model",
     "Output",

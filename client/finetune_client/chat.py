@@ -8,6 +8,7 @@ training conversations did; a model trained without a chat template gets the pro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def is_adapter(model_dir: Path) -> bool:
     return (model_dir / ADAPTER_CONFIG).is_file()
+
+
+def adapter_settings(model_dir: Path) -> str:
+    """An adapter export's rank, alpha and target modules as its adapter_config.json gives them."""
+    config = json.loads((model_dir / ADAPTER_CONFIG).read_text())
+    modules = config.get("target_modules") or []
+    shown = ",".join(sorted(modules)) if isinstance(modules, list) else str(modules)
+    return f"r={config.get('r')}, alpha={config.get('lora_alpha')}, modules {shown}"
 
 
 def load_model(model_dir: Path, base_model_dir: Callable[[], Path]) -> tuple[Any, Any]:

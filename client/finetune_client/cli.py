@@ -1,8 +1,8 @@
 """The ``ftj`` command (also ``kubectl ftj``): run, watch and read FineTuneJobs from a terminal.
 
 Exit codes: 0 the job Succeeded (or the command did what it was asked), 1 the job Failed, 2 a usage error, a bad
-input or no connection. Every error is one line on stderr naming what was wrong; no traceback (``FTJ_DEBUG=1``
-shows one).
+input, something not found or no connection, 3 ``ftj wait --timeout`` gave up while the job goes on. Every error is
+one line on stderr naming what was wrong; no traceback (``FTJ_DEBUG=1`` shows one).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from finetune_client.errors import ClientError
 from finetune_client.job_view import Job
 from finetune_client.live_view import format_duration
 
-SUCCEEDED, FAILED, USAGE = 0, 1, 2
+SUCCEEDED, FAILED, USAGE, TIMED_OUT = 0, 1, 2, 3
 
 
 class UsageError(ClientError):
@@ -117,7 +117,11 @@ def follow_and_report(client: Client, args: argparse.Namespace, name: str) -> in
 
 def command_wait(client: Client, args: argparse.Namespace) -> int:
     if args.timeout is not None:
-        job = client.wait(args.name, timeout=args.timeout)
+        try:
+            job = client.wait(args.name, timeout=args.timeout)
+        except TimeoutError as exc:
+            print(f"ftj: {exc}; it keeps running (exit {TIMED_OUT})", file=sys.stderr)
+            return TIMED_OUT
         emit(args, job.summary(), lambda: f"{job.name} {job.phase}")
         return phase_code(job)
     return follow_and_report(client, args, args.name)
@@ -190,8 +194,15 @@ def command_chat(client: Client, args: argparse.Namespace) -> int:
     from finetune_client import chat
 
     with tempfile.TemporaryDirectory(prefix="ftj-chat-") as work:
+        job = client.get(args.name)
         exported = client.download_model(args.name, Path(work) / "export")
         model, tokenizer = chat.load_model(exported, lambda: base_model(client, args.name, Path(work)))
+        settings = chat.adapter_settings(exported) if chat.is_adapter(exported) else None
+    if settings is not None:
+        loaded = f"LoRA adapter {job.model_uri} ({settings}) merged onto base model {job.spec['model']['uri']}"
+    else:
+        loaded = f"model {job.model_uri}"
+    print(f"{args.name}: {loaded}, {model.num_parameters()} parameters", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(chat.answer(model, tokenizer, [*system, {"role": "user", "content": args.prompt}], args.max_new_tokens))
@@ -228,14 +239,15 @@ def build_parser() -> OneLineParser:
     cli_run.add_run_arguments(add("run", command_run, "create or update a job, upload local inputs, follow it"))
     add("ls", command_ls, "list the namespace's jobs")
     add("status", command_status, "a job's progress, conditions, attempts, checkpoints and events").add_argument("name")
-    logs = add("logs", command_logs, "a node's log, across gang restarts")
+    logs = add("logs", command_logs, "a node's log, across gang restarts and after the job's pods are gone")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing as the job runs")
     logs.add_argument("--rank", type=int, default=0, help="node rank (default 0)")
-    logs.add_argument("--attempt", type=int, help="attempt (default: the current one, then the next ones)")
+    logs.add_argument("--attempt", type=int, help="attempt (default: the latest, then with -f the next ones)")
     wait = add("wait", command_wait, "follow a job until it finishes; exit 0 Succeeded, 1 Failed")
     wait.add_argument("name")
-    wait.add_argument("--timeout", type=float, help="give up after this many seconds (no live view)")
+    wait.add_argument("--timeout", type=float,
+                      help=f"give up after this many seconds with exit {TIMED_OUT} (no live view)")
     for verb in ("suspend", "resume", "delete"):
         add(verb, command_verb(verb), f"{verb} a job").add_argument("name")
     plotting = add("plot", command_plot, "train and eval loss against step (PNG with -o, else in the terminal)")

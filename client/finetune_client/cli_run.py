@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from finetune_client import datasets
-from finetune_client.client import Client
-from finetune_client.errors import InvalidJob
+from finetune_client.client import HISTORY_NAME, Client, parse_history
+from finetune_client.errors import ClientError, InvalidJob
 from finetune_client.job_view import Job
 from finetune_client.live_view import LiveView
 from finetune_client.schema import API_VERSION, KIND, validate_manifest
@@ -50,6 +50,8 @@ FLAG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 OUTPUT_PREFIX_ENV = "FTJ_OUTPUT_PREFIX"
 EVENT_SECONDS = 3.0
+# history.jsonl changes only with each checkpoint: a read every 20 s keeps the curve current at little cost.
+HISTORY_SECONDS = 20.0
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,9 +203,40 @@ def prepare_and_apply(client: Client, args: argparse.Namespace, say: Any) -> Job
     return job
 
 
+def history_due(last_read: float | None, now: float, finished: bool, every: float = HISTORY_SECONDS) -> bool:
+    """Whether the live view reads history.jsonl now: at once, then every ``every`` seconds and when it ends."""
+    return last_read is None or finished or now - last_read >= every
+
+
+class HistoryFeed:
+    """The job's history.jsonl for the live view, read when ``history_due`` says; unreadable is not an error
+    (the view then draws from the status alone)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.read_at: float | None = None
+        self.read: bytes | None = None
+
+    def poll(self, job: Job) -> list[dict[str, Any]] | None:
+        """The entries when they were read now and changed, else None."""
+        now = time.monotonic()
+        if not history_due(self.read_at, now, job.finished):
+            return None
+        self.read_at = now
+        try:
+            data = self.client.storage_for(job).read(join_uri(job.output_uri, HISTORY_NAME))
+        except ClientError:
+            return None
+        if data is None or data == self.read:
+            return None
+        self.read = data
+        return parse_history(data)
+
+
 def follow(client: Client, name: str, poll_seconds: float = 1.0) -> Job:
     """Draw the live view until the job finishes; Ctrl-C (KeyboardInterrupt) is the caller's to catch."""
     view = LiveView(sys.stdout, interactive=sys.stdout.isatty())
+    history = HistoryFeed(client) if view.interactive else None
     event: dict[str, Any] | None = None
     events_read = 0.0
     while True:
@@ -212,6 +245,9 @@ def follow(client: Client, name: str, poll_seconds: float = 1.0) -> Job:
             events = client.events(name)
             event = events[-1] if events else None
             events_read = time.monotonic()
+        entries = history.poll(job) if history is not None else None
+        if entries is not None:
+            view.series.seed(entries)
         view.update(job, event)
         if job.finished:
             return job

@@ -30,6 +30,7 @@ from finetune_client.pod_logs import PodLogs
 from finetune_client.schema import GROUP, PLURAL, VERSION, validate_manifest
 from finetune_client.storage import ObjectStorage, join_uri
 
+HISTORY_NAME = "history.jsonl"
 ProgressCallback = Callable[[Job], None]
 # Aliases: inside the class ``list`` names the method.
 JobList = list[Job]
@@ -159,8 +160,11 @@ class Client:
         return sorted(events, key=lambda e: e["time"] or "")
 
     def logs(self, name: str, rank: int = 0, attempt: int | None = None, follow: bool = False) -> Iterator[str]:
-        """Lines of node ``rank``'s pod (``<job>-a<attempt>-n<rank>``). ``attempt`` None: the current attempt, and
-        with ``follow`` the next attempts' pods too as the gang restarts."""
+        """Lines of node ``rank``'s log of ``attempt``: its pod's (``<job>-a<attempt>-n<rank>``) while the pod
+        exists, else the copy the trainer uploaded to ``<output.uri>/logs/attempt-<N>/node-<rank>.log`` (so a
+        finished job's log, and an earlier attempt's after a gang restart, can still be read). ``attempt`` None:
+        the latest; with ``follow``, the next attempts' pods too as the gang restarts. ``LogNotFound`` when
+        neither exists."""
         self.get(name)
         return PodLogs(self, name, rank).lines(attempt, follow)
 
@@ -185,8 +189,7 @@ class Client:
     def history(self, name: str) -> Records:
         """history.jsonl: one entry per training log and evaluation (``step``, ``loss`` or ``evalLoss``,
         ``learningRate``, ``tokensPerSecond``, ``time``); uploaded at every checkpoint and at the end."""
-        lines = self._read_output(name, "history.jsonl").decode().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return parse_history(self._read_output(name, HISTORY_NAME))
 
     def download_model(self, name: str, dest: str | Path) -> Path:
         """The exported model (or LoRA adapter) into ``dest``; returns ``dest``."""
@@ -222,6 +225,19 @@ class Client:
         target = uri + "data.jsonl" if uri.endswith("/") else uri
         storage.write(target, payload)
         return target
+
+
+def parse_history(data: bytes) -> Records:
+    """history.jsonl's entries; a line that is not a JSON object is skipped."""
+    entries = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def _progress_callback(progress: ProgressCallback | bool | None) -> tuple[ProgressCallback | None, Callable[[], None]]:

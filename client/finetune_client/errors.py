@@ -25,3 +25,7 @@ class DataRejected(ClientError):
 
 class StorageFailed(ClientError):
     """S3 refused or failed a request, had no credentials, or an object the job should have written is missing."""
+
+
+class LogNotFound(ClientError):
+    """Neither the node's pod of that attempt nor the copy of its log the trainer uploads exists."""

@@ -23,13 +23,17 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
-    """The last ``width`` values as bars scaled between their minimum and maximum."""
-    shown = [v for v in values if math.isfinite(v)][-width:]
-    if not shown:
+    """The whole series as at most ``width`` bars scaled between its minimum and maximum; a longer series is
+    averaged over ``width`` equal spans of its points, so the bars show the whole curve, not its end."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) > width:
+        spans = [finite[len(finite) * i // width:len(finite) * (i + 1) // width] for i in range(width)]
+        finite = [sum(span) / len(span) for span in spans]
+    if not finite:
         return ""
-    low, high = min(shown), max(shown)
+    low, high = min(finite), max(finite)
     span = high - low
-    return "".join(SPARK[0 if span == 0 else round((v - low) / span * (len(SPARK) - 1))] for v in shown)
+    return "".join(SPARK[0 if span == 0 else round((v - low) / span * (len(SPARK) - 1))] for v in finite)
 
 
 def progress_bar(percent: float, width: int = 30) -> str:
@@ -52,13 +56,34 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+Points = list[tuple[int, float]]
+
+
 @dataclass
 class Series:
-    """Loss and eval loss as observed in the job's status, one point per new step."""
+    """Loss and eval loss by step: seeded from the run's history.jsonl when it can be read, then one point per
+    change seen in the job's status. A step lower than the last one (a gang restart resumed from an earlier
+    checkpoint) drops the points after it, as history.jsonl does."""
 
-    loss: list[float] = field(default_factory=list)
-    eval_loss: list[float] = field(default_factory=list)
+    loss_points: Points = field(default_factory=list)
+    eval_points: Points = field(default_factory=list)
     _last: tuple[int, float | None, float | None] | None = None
+
+    @property
+    def loss(self) -> list[float]:
+        return [value for _, value in self.loss_points]
+
+    @property
+    def eval_loss(self) -> list[float]:
+        return [value for _, value in self.eval_points]
+
+    def seed(self, history: Sequence[dict[str, Any]]) -> None:
+        """Take the curve from history.jsonl's entries; points seen in the status after its last step stay."""
+        for points, key in ((self.loss_points, "loss"), (self.eval_points, "evalLoss")):
+            stored = [(int(e["step"]), float(e[key])) for e in history
+                      if isinstance(e.get("step"), int) and isinstance(e.get(key), int | float)]
+            last = stored[-1][0] if stored else -1
+            points[:] = stored + [(step, value) for step, value in points if step > last]
 
     def observe(self, job: Job) -> None:
         point = (job.step, job.loss, job.eval_loss)
@@ -66,10 +91,20 @@ class Series:
             return
         previous = self._last
         self._last = point
+        for points in (self.loss_points, self.eval_points):
+            while points and points[-1][0] > job.step:
+                points.pop()
         if job.loss is not None and (previous is None or previous[1] != job.loss):
-            self.loss.append(job.loss)
+            _add(self.loss_points, job.step, job.loss)
         if job.eval_loss is not None and (previous is None or previous[2] != job.eval_loss):
-            self.eval_loss.append(job.eval_loss)
+            _add(self.eval_points, job.step, job.eval_loss)
+
+
+def _add(points: Points, step: int, value: float) -> None:
+    """A point, unless the curve already ends with this value (the status repeats a logged loss until the next log
+    event) or has a point at that step."""
+    if not points or (points[-1][0] < step and points[-1][1] != value):
+        points.append((step, value))
 
 
 def render(job: Job, series: Series, event: dict[str, Any] | None = None, width: int = 30) -> list[str]:

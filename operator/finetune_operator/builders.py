@@ -63,7 +63,8 @@ def build_config_map(job: FineTuneJob) -> dict[str, Any]:
 
 
 def build_worker_env(job: FineTuneJob, rank: int) -> list[dict[str, Any]]:
-    """The container's env: torchrun's PET_* for the gang shape, the config path, storage credentials, the user's."""
+    """The container's env: torchrun's PET_* for the gang shape, the config path and the attempt, storage
+    credentials, the user's."""
     spec = job.spec
     env: list[dict[str, Any]] = [
         {"name": c.ENV_NNODES, "value": str(spec.distributed.nodes)},
@@ -73,6 +74,7 @@ def build_worker_env(job: FineTuneJob, rank: int) -> list[dict[str, Any]]:
         {"name": c.ENV_MASTER_PORT, "value": str(spec.distributed.master_port)},
         {"name": c.ENV_OMP_NUM_THREADS, "value": str(omp_threads(job))},
         {"name": c.ENV_CONFIG, "value": c.CONFIG_PATH},
+        {"name": c.ENV_ATTEMPT, "value": str(job.attempt)},
     ]
     secret = spec.storage.credentials_secret
     if secret:

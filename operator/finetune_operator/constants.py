@@ -61,6 +61,8 @@ ENV_MASTER_ADDR: Final = "PET_MASTER_ADDR"
 ENV_MASTER_PORT: Final = "PET_MASTER_PORT"
 ENV_OMP_NUM_THREADS: Final = "OMP_NUM_THREADS"
 ENV_CONFIG: Final = "FINETUNE_CONFIG"
+# The pod's attempt, for the trainer's launcher: it names the attempt's log in S3 (logs/attempt-<N>/node-<rank>.log).
+ENV_ATTEMPT: Final = "FINETUNE_ATTEMPT"
 ENV_AWS_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"
 
@@ -78,6 +80,7 @@ RESERVED_ENV_NAMES: Final = (
     "ROLE_WORLD_SIZE",
     "OMP_NUM_THREADS",
     "FINETUNE_CONFIG",
+    "FINETUNE_ATTEMPT",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",

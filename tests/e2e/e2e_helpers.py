@@ -1,9 +1,10 @@
-"""Helpers of the end-to-end tests: job manifests from the demo example, S3 listings, polling."""
+"""Helpers of the end-to-end tests: job manifests from the demo example, S3 listings, the ftj command."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from typing import Any
 
 import yaml
@@ -36,3 +37,8 @@ def s3_keys(cluster: LocalCluster, prefix: str, bucket: str = "finetune-output")
 
 def read_json(cluster: LocalCluster, key: str, bucket: str = "finetune-output") -> Any:
     return json.loads(cluster.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def ftj(env: dict[str, str], *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The ftj command as a user runs it in ``env``, its output captured."""
+    return subprocess.run(["ftj", *argv], env=env, capture_output=True, text=True, timeout=timeout)

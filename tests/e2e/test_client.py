@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import s3_keys
+from e2e_helpers import ftj, s3_keys
 
 from finetune_client import Client, Dataset, FineTuneJob, Model, Output, Resources, Storage, Training
 from finetune_client.job import Checkpoint
@@ -29,40 +27,6 @@ TMUX = "/usr/bin/tmux"
 SMALL = Resources(cpu="1", memory="3Gi")
 DATASET = REPO / "examples" / "data" / "customer-support.jsonl"
 EXAMPLE = str(REPO / "examples" / "tiny-cpu.yaml")
-
-
-@pytest.fixture(scope="module")
-def ftj_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder holding ``ftj`` and ``kubectl-ftj``: the installed console scripts beside this Python when they
-    exist, else shims running ``python -m finetune_client`` (a checkout whose virtualenv predates the scripts)."""
-    installed = Path(sys.executable).parent
-    if (installed / "ftj").exists() and (installed / "kubectl-ftj").exists():
-        return installed
-    folder = tmp_path_factory.mktemp("ftj-bin")
-    for name in ("ftj", "kubectl-ftj"):
-        shim = folder / name
-        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m finetune_client "$@"\n')
-        shim.chmod(0o755)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def user_env(cluster: LocalCluster, ftj_bin: Path) -> dict[str, str]:
-    """A user's shell on the local cluster: the admin kubeconfig, S3 credentials and endpoint, ftj and kubectl."""
-    assert cluster.control_plane is not None
-    path = os.pathsep.join([str(ftj_bin), str(cluster.control_plane.kubectl_path.parent), os.environ["PATH"]])
-    return {**os.environ, **cluster.s3.env(), "KUBECONFIG": str(cluster.kubeconfig), "PATH": path}
-
-
-@pytest.fixture
-def client(cluster: LocalCluster, user_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Client:
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.setenv(key, user_env[key])
-    return Client(kubeconfig=cluster.kubeconfig)
-
-
-def ftj(env: dict[str, str], *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ftj", *argv], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def small_job(name: str, data_uri: str, steps: int) -> FineTuneJob:

@@ -33,8 +33,13 @@ def test_killed_rank_then_relaunch_resumes_from_the_newest_complete_checkpoint(s
 
     assert code == exit_codes.FAILURE, first.log()[-3000:]
     assert newest < 60
-    second = setup.run_launcher(config, nproc=2)
+    # The crashed attempt's log outlives it in S3: the ranks' lines and the launcher's verdict.
+    crashed = setup.node_log(attempt=0)
+    assert "rank0 INFO" in crashed and "finetune-launch: exit 1 after" in crashed, crashed[-3000:]
+    second = setup.run_launcher(config, nproc=2, FINETUNE_ATTEMPT="1")
     assert second.returncode == exit_codes.SUCCESS, second.log()[-4000:]
+    assert "finetune-launch: exit 0 after" in setup.node_log(attempt=1)
+    assert setup.node_log(attempt=0) == crashed
     result = setup.result()
     assert result["resumedFromStep"] == newest
     assert result["steps"] == 60
@@ -54,6 +59,8 @@ def test_sigterm_writes_a_complete_checkpoint_and_exits_preempted(setup: Trainer
     code = launched.wait()
 
     assert code == exit_codes.PREEMPTED, launched.log()[-4000:]
+    stored = setup.node_log()
+    assert "got signal 15" in stored and "finetune-launch: exit 75 after" in stored, stored[-3000:]
     match = re.search(r"emergency checkpoint at step (\d+)", setup.termination_message)
     assert match, setup.termination_message
     step = int(match.group(1))

@@ -187,6 +187,11 @@ class TrainerSetup:
     def read_json(self, key: str) -> Any:
         return json.loads(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
+    def node_log(self, attempt: int = 0, node: int = 0) -> str:
+        """The launcher's log as uploaded to ``run/logs/attempt-<attempt>/node-<node>.log``."""
+        key = f"run/logs/attempt-{attempt}/node-{node}.log"
+        return str(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode())
+
     def result(self) -> dict[str, Any]:
         return dict(self.read_json("run/result.json"))
 

@@ -65,14 +65,14 @@ def test_config_map_holds_the_rendered_config_of_the_attempt() -> None:
     assert config["job"] == {"name": "job", "namespace": "ns", "attempt": 2}
 
 
-def test_env_is_exactly_the_pet_variables_config_path_credentials_and_user_env() -> None:
+def test_env_is_exactly_the_pet_variables_config_path_attempt_credentials_and_user_env() -> None:
     job = job_of({
         "spec.distributed": {"nodes": 4, "procsPerNode": 8, "masterPort": 29400},
         "spec.resources": {"gpus": 8, "cpu": "96"},
         "spec.storage.credentialsSecret": "s3-creds",
         "spec.env": [{"name": "NCCL_DEBUG", "value": "WARN"},
                      {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
-    })
+    }, attempt=2)
     assert build_worker_env(job, 3) == [
         {"name": "PET_NNODES", "value": "4"},
         {"name": "PET_NODE_RANK", "value": "3"},
@@ -81,6 +81,7 @@ def test_env_is_exactly_the_pet_variables_config_path_credentials_and_user_env()
         {"name": "PET_MASTER_PORT", "value": "29400"},
         {"name": "OMP_NUM_THREADS", "value": "12"},
         {"name": "FINETUNE_CONFIG", "value": "/etc/finetune/config.json"},
+        {"name": "FINETUNE_ATTEMPT", "value": "2"},
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}},
         {"name": "AWS_SECRET_ACCESS_KEY",
          "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}},
@@ -92,7 +93,7 @@ def test_env_is_exactly_the_pet_variables_config_path_credentials_and_user_env()
 def test_env_without_credentials_secret_has_no_aws_variables() -> None:
     assert [e["name"] for e in build_worker_env(job_of(), 0)] == [
         "PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-        "OMP_NUM_THREADS", "FINETUNE_CONFIG",
+        "OMP_NUM_THREADS", "FINETUNE_CONFIG", "FINETUNE_ATTEMPT",
     ]
 
 

@@ -10,7 +10,7 @@ import sys
 import yaml
 
 from finetune_operator import constants as c
-from finetune_trainer import exit_codes
+from finetune_trainer import exit_codes, launch, node_log
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -49,9 +49,15 @@ def test_reserved_env_names_match_the_crd_rule() -> None:
 
 def test_every_injected_env_name_is_reserved() -> None:
     injected = [c.ENV_NNODES, c.ENV_NODE_RANK, c.ENV_NPROC_PER_NODE, c.ENV_MASTER_ADDR, c.ENV_MASTER_PORT,
-                c.ENV_OMP_NUM_THREADS, c.ENV_CONFIG, c.ENV_AWS_ACCESS_KEY_ID, c.ENV_AWS_SECRET_ACCESS_KEY]
+                c.ENV_OMP_NUM_THREADS, c.ENV_CONFIG, c.ENV_ATTEMPT, c.ENV_AWS_ACCESS_KEY_ID,
+                c.ENV_AWS_SECRET_ACCESS_KEY]
     for name in injected:
         assert name in c.RESERVED_ENV_NAMES or name.startswith(c.RESERVED_ENV_PREFIXES), name
+
+
+def test_the_trainer_reads_the_env_names_the_operator_sets() -> None:
+    assert (launch.CONFIG_ENV, node_log.ATTEMPT_ENV, node_log.NODE_RANK_ENV) == (
+        c.ENV_CONFIG, c.ENV_ATTEMPT, c.ENV_NODE_RANK)
 
 
 def test_phases_match_the_crd_enum() -> None:

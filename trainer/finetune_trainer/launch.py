@@ -12,6 +12,9 @@ after an emergency checkpoint; 1 anything else. torchrun exits 1 whenever a work
 its intended code and a one-line reason in ``<local.workDir>/exit-status/rank-<RANK>.json``; the launcher exits
 with the most significant one (64 > 75 > 1) and writes its reason to the termination message file.
 
+Everything torchrun and the ranks print goes through ``node_log``: on to the pod's stream and, so that it outlives
+the pod, to ``<output.uri>/logs/attempt-<N>/node-<rank>.log``, uploaded every 30 s and once more at exit.
+
 SIGTERM/SIGINT are forwarded once to torchrun, which runs in a session of its own (so a signal to the whole
 process group does not reach it twice) with ``--shutdown-timeout`` set to ``checkpoint.gracePeriodSeconds``:
 torchrun's default would SIGKILL the workers 30 s after passing SIGTERM on, before a large emergency checkpoint
@@ -35,6 +38,7 @@ from types import FrameType
 
 from finetune_trainer import exit_codes
 from finetune_trainer.config import ConfigError, TrainerConfig, describe_fields, load_config
+from finetune_trainer.node_log import NodeLog, open_node_log
 
 CONFIG_ENV = "FINETUNE_CONFIG"
 # Kubernetes' default terminationMessagePath; the variable exists for runs outside a pod (tests, by hand).
@@ -152,8 +156,13 @@ def die_with_parent() -> None:
         pass
 
 
-def run_torchrun(config: TrainerConfig, config_path: str) -> tuple[int, bool]:
-    """Run torchrun to completion, forwarding the first SIGTERM/SIGINT; (its exit code, whether signalled)."""
+# How long the tee may drain the pipe after torchrun exits (a stray worker could hold it open).
+TEE_DRAIN_TIMEOUT_S = 10.0
+
+
+def run_torchrun(config: TrainerConfig, config_path: str, node_log: NodeLog) -> tuple[int, bool]:
+    """Run torchrun to completion, its output through ``node_log``, forwarding the first SIGTERM/SIGINT; (its exit
+    code, whether signalled)."""
     signalled = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -162,25 +171,35 @@ def run_torchrun(config: TrainerConfig, config_path: str) -> tuple[int, bool]:
         if signalled:
             return
         signalled = True
-        print(f"finetune-launch: got signal {signum}; asking the workers to checkpoint", file=sys.stderr, flush=True)
+        node_log.say(f"got signal {signum}; asking the workers to checkpoint")
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    read_end, write_end = os.pipe()
+    tee = node_log.tee(read_end)
     try:
-        child = subprocess.Popen(
-            torchrun_command(config_path, config.checkpoint.gracePeriodSeconds, torchrun_has_shutdown_timeout()),
-            start_new_session=True,
-            # torchrun lives in its own session: a process-group kill of the pod command would orphan it.
-            preexec_fn=die_with_parent,
-        )
+        try:
+            child = subprocess.Popen(
+                torchrun_command(config_path, config.checkpoint.gracePeriodSeconds, torchrun_has_shutdown_timeout()),
+                stdout=write_end,
+                stderr=write_end,
+                start_new_session=True,
+                # torchrun lives in its own session: a process-group kill of the pod command would orphan it.
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            os.close(write_end)  # the tee sees the end of the output once torchrun and its workers are gone
         if signalled:
             child.send_signal(signal.SIGTERM)
         while True:
             try:
-                return child.wait(), signalled
+                code = child.wait()
+                break
             except InterruptedError:
                 continue
+        tee.join(TEE_DRAIN_TIMEOUT_S)
+        return code, signalled
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -208,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     summary_file = config.local.result_summary_file
     summary_file.unlink(missing_ok=True)
     started = time.monotonic()
-    torchrun_code, signalled = run_torchrun(config, args.config)
-    code, reason = decide_exit(torchrun_code, read_exit_statuses(folder), signalled)
-    elapsed = time.monotonic() - started
-    print(f"finetune-launch: exit {code} after {elapsed:.0f} s: {reason}", file=sys.stderr, flush=True)
+    node_log = open_node_log(config)
+    try:
+        torchrun_code, signalled = run_torchrun(config, args.config, node_log)
+        code, reason = decide_exit(torchrun_code, read_exit_statuses(folder), signalled)
+        node_log.say(f"exit {code} after {time.monotonic() - started:.0f} s: {reason}")
+    finally:
+        node_log.close()
     if code == exit_codes.SUCCESS and summary_file.exists():
         # On node rank 0 the final numbers (JSON) are the message: the operator fills the job's status from them.
         reason = summary_file.read_text()
