@@ -77,6 +77,13 @@ class Lora:
 
 
 @dataclass
+class EarlyStopping:
+    patience: int
+    metric: str | None = None
+    min_delta: float | None = None
+
+
+@dataclass
 class Training:
     method: str | None = None
     lora: Lora | None = None
@@ -95,6 +102,7 @@ class Training:
     seed: int | None = None
     eval_every: int | None = None
     log_every: int | None = None
+    early_stopping: EarlyStopping | None = None
 
 
 @dataclass
@@ -108,6 +116,7 @@ class DeepSpeed:
 class Distributed:
     nodes: int | None = None
     procs_per_node: int | None = None
+    master_port: int | None = None
     deepspeed: DeepSpeed | None = None
 
 
@@ -117,6 +126,50 @@ class Checkpoint:
     every_minutes: float | None = None
     keep: int | None = None
     grace_period_seconds: int | None = None
+
+
+@dataclass
+class Metrics:
+    port: int | None = None
+    pushgateway: str | None = None
+
+
+@dataclass
+class Evaluation:
+    """Prompts answered at every evaluation (``samples.jsonl``) and the export loaded back before success."""
+
+    prompts: list[str] | None = None
+    prompts_uri: str | None = None
+    max_new_tokens: int | None = None
+    sampling: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    generation_timeout_seconds: int | None = None
+    verify_export: bool | None = None
+
+
+@dataclass
+class Gang:
+    """A PodGroup for a gang scheduler: ``scheduler`` is "volcano" or "coscheduling"."""
+
+    scheduler: str
+    min_member: int | None = None
+    schedule_timeout_seconds: int | None = None
+    queue: str | None = None
+
+
+@dataclass
+class Topology:
+    """Keep the gang inside one domain of a node label (rack, NVLink domain): one of the two."""
+
+    required: str | None = None
+    preferred: str | None = None
+
+
+@dataclass
+class RestartBackoff:
+    initial_seconds: int | None = None
+    max_seconds: int | None = None
 
 
 @dataclass
@@ -149,14 +202,22 @@ class FineTuneJob:
     checkpoint: Checkpoint | None = None
     resources: Resources | None = None
     storage: Storage | None = None
+    metrics: Metrics | None = None
+    evaluation: Evaluation | None = None
+    gang: Gang | None = None
+    topology: Topology | None = None
+    restart_backoff: RestartBackoff | None = None
     suspend: bool | None = None
     backoff_limit: int | None = None
+    queue_name: str | None = None
+    workload_priority_class: str | None = None
     namespace: str | None = None
     labels: dict[str, str] | None = None
     extra_spec: dict[str, Any] = field(default_factory=dict)
 
     SECTIONS = ("model", "dataset", "output", "training", "distributed", "checkpoint", "resources", "storage",
-                "suspend", "backoff_limit")
+                "metrics", "evaluation", "gang", "topology", "restart_backoff", "suspend", "backoff_limit",
+                "queue_name", "workload_priority_class")
 
     def to_manifest(self) -> dict[str, Any]:
         spec: dict[str, Any] = {}
