@@ -56,7 +56,7 @@ def queued_status(reason: str, message: str) -> dict[str, Any]:
         }, ["create Workload finetunejob-job"], (EventToEmit("Normal", "WorkloadCreated", f"Queued: {CREATED}"),),
             id="new-job-gets-its-workload-and-no-pod"),
         pytest.param(queued_status("WorkloadCreated", CREATED), [],
-                     queue_of(make_workload("Finished", reasons={"QuotaReserved": NO_QUOTA})), {
+                     queue_of(make_workload(reasons={"QuotaReserved": NO_QUOTA})), {
             "phase": "Queued", "attempt": 0, "restarts": 0, "countedFailures": 0, "message": f"Queued: {NO_QUOTA[1]}",
             "observedGeneration": 1, "conditions": [queued_condition(*NO_QUOTA, since=40)],
         }, [], (), id="waiting-shows-kueues-reason-quietly"),

@@ -1,0 +1,71 @@
+"""spec.queueName where Kueue cannot be used: the real control plane and the real operator with the chart's RBAC
+rendered for a cluster without Kueue. First no Workload CRD at all (the API server answers 404), then Kueue's CRDs
+installed after the chart (the chart granted nothing on them: 403). Either way the job fails at once with reason
+WorkloadAPIUnavailable naming what to install or set, creates no pod, and the operator keeps running.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_operator import Client, events_are, phase_is
+
+from localcluster.chart import install_chart
+from localcluster.controlplane import ControlPlane
+from localcluster.kueue import Kueue
+from localcluster.operator_process import OperatorProcess
+from localcluster.pytest_plugin import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, pathlib.Path, pathlib.Path]]:
+    """The control plane without Kueue and the chart rendered for it (no Kueue rules)."""
+    work = tmp_path_factory.mktemp("nokueue")
+    with ControlPlane(work / "control-plane", scheduler=False) as control_plane:
+        yield control_plane, install_chart(control_plane, work / "operator.kubeconfig"), work
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(plane: tuple[ControlPlane, pathlib.Path, pathlib.Path]) -> pathlib.Path:
+    return plane[1]
+
+
+@pytest.fixture
+def client(plane: tuple[ControlPlane, pathlib.Path, pathlib.Path], operator: OperatorProcess) -> Iterator[Client]:
+    yield Client(plane[0])
+    if not operator.running:
+        pytest.fail(f"the operator died:\n{operator.log_tail()}")
+
+
+def failed_condition(status: dict[str, Any]) -> dict[str, Any]:
+    return next(item for item in status["conditions"] if item["type"] == "Failed")
+
+
+def test_without_the_workload_crd_a_queued_job_fails_naming_it_and_creates_no_pod(client: Client) -> None:
+    ns = client.create_namespace()
+    client.create_job(ns, "llm", queueName="team")
+    status = wait_until(phase_is(client, ns, "llm", "Failed"), what="Failed")
+    assert failed_condition(status)["reason"] == "WorkloadAPIUnavailable"
+    assert "the CRD workloads.kueue.x-k8s.io is not installed" in status["message"], status["message"]
+    assert client.pod_names(ns) == []
+    events_are(client, ns, "llm", ["WorkloadAPIUnavailable"])
+
+
+def test_with_kueue_installed_after_the_chart_a_queued_job_fails_naming_the_chart_value(
+    client: Client, plane: tuple[ControlPlane, pathlib.Path, pathlib.Path]
+) -> None:
+    """Last in this module: it installs Kueue's CRDs (no manager) on the shared control plane."""
+    Kueue(plane[0], plane[2] / "kueue").install_crds()
+    ns = client.create_namespace()
+    client.create_job(ns, "llm", queueName="team")
+    status = wait_until(phase_is(client, ns, "llm", "Failed"), what="Failed")
+    assert failed_condition(status)["reason"] == "WorkloadAPIUnavailable"
+    assert "may not use workloads.kueue.x-k8s.io (HTTP 403)" in status["message"], status["message"]
+    assert "kueue.enabled=true" in status["message"]
+    assert client.pod_names(ns) == []
+    events_are(client, ns, "llm", ["WorkloadAPIUnavailable"])
