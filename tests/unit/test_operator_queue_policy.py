@@ -22,7 +22,7 @@ from operator_factories import (
 
 from finetune_operator.decide import EventToEmit, decide
 from finetune_operator.decision import PatchWorkloadStatus
-from finetune_operator.queue_policy import release_workload, wait_for_admission
+from finetune_operator.queue_policy import release_workload, wait_for_admission, workload_unavailable_message
 from finetune_operator.workload import Placement, QueueObservation, observe_workload
 
 QUEUED = {**TWO_NODES, "spec.queueName": "team-a"}
@@ -176,3 +176,80 @@ def test_admission_creates_the_gang_on_the_admitted_flavors_nodes() -> None:
     assert decision.status["phase"] == "Pending"
     assert decision.events_to_emit[0] == EventToEmit("Normal", "Admitted",
                                                      "Admitted: attempt 0 with 2 pod(s) is starting")
+
+
+# ---- edge cases: an invalid spec, a job started again, no Workload API, a LocalQueue that does not exist ----------
+
+INADMISSIBLE = ("Inadmissible", "LocalQueue team-a doesn't exist")
+# Valid when queued; the grace period (default 120 s) must be shorter than the deadline, which only the operator
+# checks.
+INVALID_EDIT = {"spec.activeDeadlineSeconds": 60, "metadata.generation": 2}
+NOT_SERVED = "spec.queueName needs Kueue's Workloads (kueue.x-k8s.io/v1beta2), but ..."
+
+
+def types_of(decision: Any, kind: str) -> list[tuple[str, str]]:
+    return [(item["status"], item["reason"]) for item in decision.status.get("conditions", []) if item["type"] == kind]
+
+
+@pytest.mark.parametrize(
+    ("paths", "pods", "queue", "phase", "actions", "queued"),
+    [
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [], queue_of(make_workload()),
+                     "Failed", ["patch Workload finetunejob-job status"], [("False", "Finished")],
+                     id="invalid-edit-while-queued-finishes-the-workload"),
+        pytest.param({**INVALID_EDIT, "spec.suspend": True, "status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload("QuotaReserved", "Admitted")), "Failed",
+                     ["patch Workload finetunejob-job status"], [("False", "Finished")],
+                     id="invalid-edit-while-admitted-frees-the-quota"),
+        pytest.param({**INVALID_EDIT, "status": {**running_status(), "observedGeneration": 1}}, GANG,
+                     queue_of(make_workload("QuotaReserved", "Admitted")), "Failed",
+                     ["delete Pod job-a0-n0", "delete Pod job-a0-n1", "patch Workload finetunejob-job status"], [],
+                     id="invalid-edit-while-running-stops-the-gang-and-frees-the-quota"),
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload("QuotaReserved", "Admitted", "Finished")), "Failed", [],
+                     [("False", "Finished")], id="workload-already-finished-is-left"),
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [], None, "Failed", [],
+                     [("False", "Finished")], id="no-workload-nothing-to-release"),
+        pytest.param({"metadata.generation": 2, "status": {
+            "phase": "Failed", "attempt": 0, "restarts": 0, "countedFailures": 0, "message": "spec.x: bad",
+            "conditions": [{"type": "InvalidSpec", "status": "True", "reason": "InvalidSpec", "message": "bad",
+                            "lastTransitionTime": ts(50), "observedGeneration": 1}]}},
+            [], queue_of(make_workload("QuotaReserved", "Admitted", "Finished")), "Queued",
+            ["delete Workload finetunejob-job"], [("True", "WorkloadCreated")],
+            id="corrected-spec-replaces-the-finished-workload-not-admitted-again"),
+        pytest.param({"status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload(reasons={"QuotaReserved": INADMISSIBLE})), "Queued", [],
+                     [("True", "Inadmissible")], id="missing-local-queue-shows-kueues-reason"),
+        pytest.param({}, [], queue_of(unavailable=NOT_SERVED), "Failed", [], [],
+                     id="no-workload-api-fails-before-any-pod"),
+        pytest.param({"status": queued_status(*NO_QUOTA)}, [], queue_of(unavailable=NOT_SERVED), "Failed", [],
+                     [("False", "Finished")], id="queued-job-loses-the-workload-api"),
+        pytest.param({"status": running_status()}, GANG, queue_of(unavailable=NOT_SERVED), "Running", [], [],
+                     id="running-gang-trains-on-without-the-workload-api"),
+    ],
+)
+def test_a_queued_job_at_the_edges(
+    paths: dict[str, Any], pods: list[dict[str, Any]], queue: QueueObservation | None, phase: str,
+    actions: list[str], queued: list[tuple[str, str]],
+) -> None:
+    decision = decide(make_job({**QUEUED, **paths}), pods, [], at(100), FakeSettings(), queue=queue)
+    assert decision.status["phase"] == phase
+    assert described(decision) == actions
+    assert types_of(decision, "Queued") == queued
+    assert not any(getattr(a, "kind", None) == "Pod" for a in decision.actions)
+    for action in decision.actions:
+        if isinstance(action, PatchWorkloadStatus):
+            finished = action.patch["status"]["conditions"][-1]
+            assert (finished["type"], finished["status"], finished["reason"]) == ("Finished", "True", "Failed")
+            assert finished["message"].startswith("spec.checkpoint.gracePeriodSeconds: ")
+
+
+def test_a_cluster_without_the_workload_api_fails_the_job_naming_the_crd_or_the_chart_value() -> None:
+    decision = decide(make_job(QUEUED), [], [], at(100), FakeSettings(),
+                      queue=queue_of(unavailable=workload_unavailable_message(404)))
+    assert types_of(decision, "Failed") == [("True", "WorkloadAPIUnavailable")]
+    assert "the CRD workloads.kueue.x-k8s.io is not installed" in decision.status["message"]
+    assert decision.events_to_emit[0].reason == "WorkloadAPIUnavailable"
+    assert decision.events_to_emit[0].type == "Warning"
+    forbidden = workload_unavailable_message(403, "cannot get resource")
+    assert "(HTTP 403)" in forbidden and "kueue.enabled=true" in forbidden and forbidden.endswith("cannot get resource")
