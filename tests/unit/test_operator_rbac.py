@@ -405,6 +405,7 @@ INSTALLS: dict[str, list[str]] = {
     "namespace scope": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}"],
     "namespace scope, 3 replicas": ["--set", "rbac.scope=namespace", "--set", "replicaCount=3"],
     "cluster scope, Kueue installed": ["--api-versions", KUEUE_API],
+    "cluster scope, Kueue enabled before it is installed": ["--set", "kueue.enabled=true"],
     "namespace scope, Kueue installed": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}",
                                          "--api-versions", KUEUE_API],
     "cluster scope, Volcano": ["--set", "gangScheduling.volcano=true"],
@@ -421,7 +422,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses(helm_bin: Path, install
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = load_settings([], environ=env)
     needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None,
-                                    kueue=KUEUE_API in INSTALLS[install],
+                                    kueue=bool({KUEUE_API, "kueue.enabled=true"} & set(INSTALLS[install])),
                                     volcano="gangScheduling.volcano=true" in INSTALLS[install],
                                     coscheduling="gangScheduling.coscheduling=true" in INSTALLS[install])
     namespaced = {rule for rule in needed if rule[1] not in CLUSTER_SCOPED}
