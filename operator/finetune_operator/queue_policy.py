@@ -82,7 +82,8 @@ def workload_unavailable_message(http_status: int, detail: str = "") -> str:
     crd = f"{c.KUEUE_WORKLOADS}.{c.KUEUE_GROUP}"
     if http_status == 404:
         return (f"spec.queueName needs Kueue's Workloads ({c.KUEUE_API_VERSION}), but this cluster does not serve "
-                f"them: the CRD {crd} is not installed. Install Kueue, or remove spec.queueName")
+                f"them: the CRD {crd} is not installed. Install Kueue (then upgrade this chart, or install it with "
+                f"kueue.enabled=true), or remove spec.queueName")
     return (f"spec.queueName: the operator may not use {crd} (HTTP {http_status}): the chart grants it only where "
             f"Kueue's API is served when the chart is rendered; install the chart with kueue.enabled=true, or "
             f"upgrade it now that Kueue is installed. {detail}").strip()

@@ -647,7 +647,10 @@ async def observe_gang(api: KubeApi, body: Mapping[str, Any]) -> GangObservation
     except ApiError as error:
         if error.status != 403:
             raise
-        return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 403, error.message))
+        # A 403 comes before routing: discovery tells whether the CRD is missing too.
+        status = 403 if await api.serves(api_version, c.POD_GROUPS) else 404
+        message = unavailable_message(scheduler, api_version, status, error.message)
+        return GangObservation(api_version, unavailable=message)
     if items is None:
         return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 404))
     owned = [item for item in items if _owned_by(item, metadata.get("uid"))]

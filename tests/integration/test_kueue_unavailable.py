@@ -1,7 +1,10 @@
-"""spec.queueName where Kueue cannot be used: the real control plane and the real operator with the chart's RBAC
-rendered for a cluster without Kueue. First no Workload CRD at all (the API server answers 404), then Kueue's CRDs
-installed after the chart (the chart granted nothing on them: 403). Either way the job fails at once with reason
-WorkloadAPIUnavailable naming what to install or set, creates no pod, and the operator keeps running.
+"""spec.queueName and spec.gang where Kueue or a gang scheduler cannot be used, on the real control plane with the
+real operator and the chart's RBAC rendered for a cluster without either.
+
+First no Workload or PodGroup CRD at all: the authorizer refuses the operator's request (403) before the API server
+looks for the resource, and discovery says the API is not served, so the job fails naming the missing CRD. Then
+Kueue's CRDs installed after the chart (which granted nothing on them): a plain 403, and the message names the
+chart value. Either way the job fails at once with a reason of its own, creates no pod, and the operator runs on.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def test_without_the_workload_crd_a_queued_job_fails_naming_it_and_creates_no_po
     assert "the CRD workloads.kueue.x-k8s.io is not installed" in status["message"], status["message"]
     assert client.pod_names(ns) == []
     events_are(client, ns, "llm", ["WorkloadAPIUnavailable"])
+
+
+def test_without_pod_group_crds_or_their_switch_a_gang_job_fails_naming_the_crd(client: Client) -> None:
+    """The chart without gangScheduling.volcano: the API server refuses the PodGroup list (403) before it looks
+    for the resource; the message still says that the CRD is missing, from discovery."""
+    ns = client.create_namespace()
+    client.create_job(ns, "llm", gang={"scheduler": "volcano"})
+    status = wait_until(phase_is(client, ns, "llm", "Failed"), what="Failed")
+    assert failed_condition(status)["reason"] == "PodGroupAPIUnavailable"
+    assert "the CRD podgroups.scheduling.volcano.sh is not installed" in status["message"], status["message"]
+    assert client.pod_names(ns) == []
 
 
 def test_with_kueue_installed_after_the_chart_a_queued_job_fails_naming_the_chart_value(
