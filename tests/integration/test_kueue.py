@@ -298,6 +298,19 @@ def test_an_invalid_edit_fails_the_job_and_finishes_its_workload_so_the_next_job
     run_gang(client, ns, "third")
     assert not [name for name in client.pod_names(ns) if name.startswith(("first", "second"))]
 
+    # Corrected, the first job starts over with a new Workload: its Finished one still says Admitted, but that
+    # quota is the third job's now, so it queues.
+    old_uid = workload["metadata"]["uid"]
+    client.patch_job(ns, "first", {"spec": {"activeDeadlineSeconds": 3600}})
+    wait_until(lambda: (w := queue.workload("first")) is not None and w["metadata"]["uid"] != old_uid,
+               what="a new Workload for the corrected job")
+    # Kueue's words: "insufficient unused quota for cpu in flavor ...": the third job holds it.
+    status = wait_until(lambda: (s := client.status(ns, "first")).get("phase") == "Queued"
+                        and "insufficient unused quota" in condition(s, "Queued").get("message", "") and s,
+                        what="the corrected job Queued behind the third")
+    assert condition(status, "Failed")["status"] == "False"
+    assert not [name for name in client.pod_names(ns) if name.startswith("first")]
+
 
 def test_a_local_queue_that_does_not_exist_is_named_in_the_queued_condition_until_it_is_created(
     client: Client,
