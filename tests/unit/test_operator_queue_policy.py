@@ -4,6 +4,7 @@ the queue."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -20,9 +21,11 @@ from operator_factories import (
     ts,
 )
 
+from finetune_operator.api import ApiError
 from finetune_operator.decide import EventToEmit, decide
 from finetune_operator.decision import PatchWorkloadStatus
 from finetune_operator.queue_policy import release_workload, wait_for_admission, workload_unavailable_message
+from finetune_operator.reconcile import observe_queue
 from finetune_operator.workload import Placement, QueueObservation, observe_workload
 
 QUEUED = {**TWO_NODES, "spec.queueName": "team-a"}
@@ -253,3 +256,50 @@ def test_a_cluster_without_the_workload_api_fails_the_job_naming_the_crd_or_the_
     assert decision.events_to_emit[0].type == "Warning"
     forbidden = workload_unavailable_message(403, "cannot get resource")
     assert "(HTTP 403)" in forbidden and "kueue.enabled=true" in forbidden and forbidden.endswith("cannot get resource")
+
+
+class WorkloadReader:
+    """The requests observe_queue makes for a job without a WorkloadPriorityClass, answered as the API server would:
+    the Workload, None (404 naming it), or an error; after a 403, whether discovery lists Workloads."""
+
+    def __init__(self, answer: dict[str, Any] | None | ApiError, served: bool = True) -> None:
+        self.answer, self.served = answer, served
+
+    async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
+        assert (namespace, name) == ("ns", "finetunejob-job")
+        if isinstance(self.answer, ApiError):
+            raise self.answer
+        return self.answer
+
+    async def serves(self, api_version: str, plural: str) -> bool:
+        assert (api_version, plural) == ("kueue.x-k8s.io/v1beta2", "workloads")
+        return self.served
+
+
+FORBIDDEN = ApiError("get", 403, 'workloads.kueue.x-k8s.io "finetunejob-job" is forbidden: User "op" cannot get')
+
+
+@pytest.mark.parametrize(("answer", "served", "workload", "words"), [
+    pytest.param(make_workload(), True, "finetunejob-job", None, id="found"),
+    pytest.param(None, True, None, None, id="none-yet"),
+    pytest.param(ApiError("get", 404, "workloads are not served"), True, None,
+                 "the CRD workloads.kueue.x-k8s.io is not installed", id="not-served"),
+    pytest.param(FORBIDDEN, True, None, "install the chart with kueue.enabled=true", id="forbidden"),
+    pytest.param(FORBIDDEN, False, None, "the CRD workloads.kueue.x-k8s.io is not installed",
+                 id="forbidden-and-not-served"),
+])
+def test_observe_queue_reads_the_workload_or_says_why_it_cannot(
+    answer: Any, served: bool, workload: str | None, words: str | None,
+) -> None:
+    queue = asyncio.run(observe_queue(WorkloadReader(answer, served), make_job(QUEUED), []))  # type: ignore[arg-type]
+    assert queue is not None
+    assert (queue.workload.name if queue.workload else None) == workload
+    assert (queue.unavailable is None) == (words is None)
+    if words is not None:
+        assert words in (queue.unavailable or "")
+
+
+def test_observe_queue_raises_other_errors() -> None:
+    with pytest.raises(ApiError):
+        asyncio.run(observe_queue(WorkloadReader(ApiError("get", 500, "etcd timeout")),  # type: ignore[arg-type]
+                                  make_job(QUEUED), []))
