@@ -1,7 +1,8 @@
 """The gang schedulers' PodGroup CRDs (Volcano's and scheduler-plugins' coscheduling) on the local control plane.
 
-Only the CRDs: no Volcano or scheduler-plugins scheduler runs here. ``scripts/fetch-podgroup-crds`` takes them from
-the schedulers' Go modules into ``.cache/podgroup-crds/<key>/`` once (Volcano's generated from its API types).
+Only the CRDs (and Volcano's Queue, which its PodGroups wait in): no Volcano or scheduler-plugins scheduler runs
+here. ``scripts/fetch-podgroup-crds`` takes them from the schedulers' Go modules into ``.cache/podgroup-crds/<key>/``
+once (Volcano's generated from its API types).
 
     with ControlPlane(work) as plane:
         install_podgroup_crds(plane)
@@ -18,7 +19,7 @@ from localcluster.controlplane import ControlPlane, ControlPlaneError
 
 REPO = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO / "scripts" / "fetch-podgroup-crds"
-CRDS = ("podgroups.scheduling.volcano.sh", "podgroups.scheduling.x-k8s.io")
+CRDS = ("podgroups.scheduling.volcano.sh", "queues.scheduling.volcano.sh", "podgroups.scheduling.x-k8s.io")
 ESTABLISH_TIMEOUT_S = 60.0
 
 
@@ -31,7 +32,7 @@ def podgroup_crds() -> Path:
 
 
 def install_podgroup_crds(plane: ControlPlane) -> None:
-    """Both PodGroup CRDs applied and established."""
+    """Both PodGroup CRDs and Volcano's Queue CRD applied and established."""
     plane.kubectl("apply", "--server-side", "-f", str(podgroup_crds()))
     deadline = time.monotonic() + ESTABLISH_TIMEOUT_S
     for crd in CRDS:

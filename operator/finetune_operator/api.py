@@ -496,7 +496,23 @@ class KubeApi:
         await self.create(body)
 
     async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._get(self.child_path("Workload", namespace, name))
+        """The job's Workload; None when there is none. ApiError 404 when the API server does not serve Workloads
+        at all (Kueue's CRD is not installed): a missing object's NotFound names its kind, an unserved path's not."""
+        path = self.child_path("Workload", namespace, name)
+        status, body = await self.request("get", "GET", path, ok_statuses=(404,))
+        if status != 404:
+            return dict(body or {})
+        details = body.get("details") if isinstance(body, Mapping) else None
+        if isinstance(details, Mapping) and details.get("kind") == c.KUEUE_WORKLOADS:
+            return None
+        raise ApiError("get", 404, f"GET {path}: {c.KUEUE_API_VERSION} {c.KUEUE_WORKLOADS} are not served")
+
+    async def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API server serves ``plural`` in ``api_version``, from its discovery document (readable by
+        every authenticated client): a forbidden request is refused before routing, so its 403 cannot tell."""
+        status, body = await self.request("discover", "GET", f"/apis/{api_version}", ok_statuses=(404,))
+        resources = (body or {}).get("resources") if status == 200 and isinstance(body, Mapping) else None
+        return any(item.get("name") == plural for item in resources or ())
 
     async def delete_workload(self, namespace: str, name: str) -> bool:
         status, _ = await self.request("delete", "DELETE", self.child_path("Workload", namespace, name),

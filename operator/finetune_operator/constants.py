@@ -180,6 +180,8 @@ REASON_WORKLOAD_CREATED: Final = "WorkloadCreated"
 REASON_ADMITTED: Final = "Admitted"
 REASON_EVICTED: Final = "Evicted"
 REASON_PRIORITY_CLASS_NOT_FOUND: Final = "WorkloadPriorityClassNotFound"
+REASON_WORKLOAD_API_UNAVAILABLE: Final = "WorkloadAPIUnavailable"
+REASON_FINISHED: Final = "Finished"
 
 # Scheduler and cluster-autoscaler event reasons that mean "no room for the pod yet".
 CAPACITY_EVENT_REASONS: Final = frozenset({"FailedScheduling", "TriggeredScaleUp", "NotTriggerScaleUp"})

@@ -3,10 +3,11 @@
 ``decide`` is a pure function (no client, no clock) written as one flat list of steps, in the order of
 kubernetes-sigs/jobset's reconcile: observe the pods, accept the spec (``invalid_spec_policy``), then run the
 policies of ``POLICIES`` in turn, each in its own module (finished jobs and their TTL, older attempts' pods,
-suspension, success, a missing PodGroup API, Kueue admission, gang failure, the active deadline, restart backoff,
-refused pod creates, the startup deadline, capacity); the first that completes the decision ends it. Otherwise the
-missing children of the gang are created and Running and the progress recorded. Last, a Kueue Workload follows the
-job (Finished, or deleted on suspend), and so do the gang scheduler's PodGroups (``gang_policy``).
+suspension, success, a missing PodGroup or Workload API, Kueue admission, gang failure, the active deadline, restart
+backoff, refused pod creates, the startup deadline, capacity); the first that completes the decision ends it.
+Otherwise the missing children of the gang are created and Running and the progress recorded. Last, a Kueue
+Workload follows the job (Finished, or deleted on suspend), and so do the gang scheduler's PodGroups
+(``gang_policy``).
 The status it returns is the whole next status; the caller writes it in one patch when it differs.
 """
 
@@ -37,7 +38,12 @@ from finetune_operator.job_status import EventToEmit
 from finetune_operator.pod_creation import fail_on_refused_creates
 from finetune_operator.pod_view import observe_pods
 from finetune_operator.progress import ProgressSample
-from finetune_operator.queue_policy import release_workload, wait_for_admission
+from finetune_operator.queue_policy import (
+    fail_without_workload_api,
+    finish_workload,
+    release_workload,
+    wait_for_admission,
+)
 from finetune_operator.spec import parse_meta
 from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
@@ -131,6 +137,9 @@ POLICIES: tuple[Policy, ...] = (
     # Gang scheduling (spec.gang): a cluster that does not serve the PodGroup API fails the job before any pod is
     # handed to a scheduler that is not there.
     fail_without_pod_group_api,
+    # Kueue (spec.queueName): a cluster that does not serve the Workload API (or forbids it) fails the job, as
+    # nothing would ever admit it.
+    fail_without_workload_api,
     # Kueue (spec.queueName): no pods until the Workload is admitted; an eviction stops the gang, which comes back
     # as the next attempt (not counted) once Kueue admits it again.
     wait_for_admission,
@@ -170,9 +179,11 @@ def decide(
     if parse_meta(job).deleting:
         return Decision((), dict(job.get("status") or {}))
     draft = start_draft(job, observe_pods(pods), now)
-    # An invalid spec fails the job with an InvalidSpec condition naming the field; a corrected one starts it again.
+    # An invalid spec fails the job with an InvalidSpec condition naming the field (its Workload is Finished: the
+    # quota is free at once); a corrected one starts it again.
     parsed = accept_spec(job, draft)
     if parsed is None:
+        finish_workload(queue, draft)
         release_pod_groups(gang, draft)
         return draft.decision()
     # The current attempt and its pods, then the policies in order.

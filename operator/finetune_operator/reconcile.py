@@ -52,6 +52,7 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.pod_view import PodView, observe_pods
 from finetune_operator.progress import ProgressSample, StepRateTracker, fetch_progress
+from finetune_operator.queue_policy import workload_unavailable_message
 from finetune_operator.retry_policy import reconcile_retry_delay
 from finetune_operator.settings import Settings
 from finetune_operator.spec import parse_meta, parse_time
@@ -600,13 +601,22 @@ class Reconciler:
 async def observe_queue(
     api: KubeApi, body: Mapping[str, Any], views: Sequence[PodView]
 ) -> QueueObservation | None:
-    """For a job with spec.queueName: its Kueue Workload; its WorkloadPriorityClass when the Workload is to be
-    created; the admitted flavors while the gang has pods to create. Nothing is read for other jobs."""
+    """For a job with spec.queueName: its Kueue Workload (or why its API cannot be used); its
+    WorkloadPriorityClass when the Workload is to be created; the admitted flavors while the gang has pods to
+    create. Nothing is read for other jobs."""
     spec, metadata = body.get("spec") or {}, body.get("metadata") or {}
     if not spec.get("queueName"):
         return None
     namespace, name = str(metadata.get("namespace") or "default"), str(metadata.get("name"))
-    workload = observe_workload(await api.get_workload(namespace, workload_name(name)))
+    try:
+        workload = observe_workload(await api.get_workload(namespace, workload_name(name)))
+    except ApiError as error:
+        # Not served (no Kueue CRD) or forbidden (the chart did not grant it): the job fails saying which. RBAC
+        # answers 403 before routing, so a 403 for an API that is not there is told apart by discovery.
+        if error.status not in (403, 404):
+            raise
+        served = error.status == 403 and await api.serves(c.KUEUE_API_VERSION, c.KUEUE_WORKLOADS)
+        return QueueObservation(unavailable=workload_unavailable_message(403 if served else 404, error.message))
     priority_class = spec.get("workloadPriorityClass")
     if workload is None and priority_class:
         found = await api.get_workload_priority_class(str(priority_class))
@@ -637,7 +647,10 @@ async def observe_gang(api: KubeApi, body: Mapping[str, Any]) -> GangObservation
     except ApiError as error:
         if error.status != 403:
             raise
-        return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 403, error.message))
+        # A 403 comes before routing: discovery tells whether the CRD is missing too.
+        status = 403 if await api.serves(api_version, c.POD_GROUPS) else 404
+        message = unavailable_message(scheduler, api_version, status, error.message)
+        return GangObservation(api_version, unavailable=message)
     if items is None:
         return GangObservation(api_version, unavailable=unavailable_message(scheduler, api_version, 404))
     owned = [item for item in items if _owned_by(item, metadata.get("uid"))]

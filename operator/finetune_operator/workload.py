@@ -118,12 +118,14 @@ def placement_of(flavors: Iterable[Mapping[str, Any]]) -> Placement:
 class QueueObservation:
     """What the reconcile read for a job with spec.queueName: its Workload, the admitted flavors' placement (read
     only while pods are to be created) and its WorkloadPriorityClass's value (read only when the Workload is to be
-    created; ``priority_class_missing`` when the class does not exist)."""
+    created; ``priority_class_missing`` when the class does not exist); or why the Workload API cannot be used
+    (``unavailable``: Kueue's CRD is not installed, or the operator may not use it)."""
 
     workload: WorkloadView | None = None
     placement: Placement | None = None
     priority: int | None = None
     priority_class_missing: bool = False
+    unavailable: str | None = None
 
 
 # ---- status patches --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from localcluster.pytest_plugin import wait_until
 
 pytestmark = pytest.mark.integration
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 VOLCANO = "/apis/scheduling.volcano.sh/v1beta1"
 COSCHEDULING = "/apis/scheduling.x-k8s.io/v1alpha1"
 
@@ -134,6 +135,27 @@ def test_a_coscheduling_gang_gets_a_new_pod_group_per_attempt_and_the_garbage_co
     client.delete_job(ns, "llm")
     wait_until(lambda: pod_group_names(client, COSCHEDULING, ns) == [] and not client.items(ns, "pods"),
                what="the PodGroup and pods garbage-collected with the job")
+
+
+def test_the_volcano_example_works_as_written(client: Client, plane: tuple[ControlPlane, pathlib.Path]) -> None:
+    """examples/gang-volcano.yaml applied whole (its Volcano Queue and its job): the PodGroup its comment describes,
+    waiting in that Queue, before four pods that name Volcano and the group."""
+    plane[0].kubectl("create", "namespace", "team-a")
+    plane[0].kubectl("apply", "-f", str(REPO / "examples" / "gang-volcano.yaml"))
+    assert client.call("GET", f"{VOLCANO}/queues/research")["spec"]["capability"] == {"nvidia.com/gpu": 64}
+    names = [f"llama-8b-chat-a0-n{rank}" for rank in range(4)]
+    wait_until(pods_are(client, "team-a", names), what="the example's four pods", timeout=60)
+    group = pod_group(client, VOLCANO, "team-a", "llama-8b-chat-a0")
+    assert group is not None
+    assert group["spec"] == {
+        "minMember": 4, "queue": "research",
+        "minResources": {"cpu": "384", "memory": "4Ti", "nvidia.com/gpu": "32"},
+        "networkTopology": {"mode": "hard", "highestTierName": "cloud.provider.com/topology-rack"},
+    }
+    check_pod_group_is_the_jobs(client, group, "team-a", "llama-8b-chat")
+    for pod in pods_by_name(client, "team-a").values():
+        assert pod["spec"]["schedulerName"] == "volcano"
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "llama-8b-chat-a0"
 
 
 def test_without_the_pod_group_crd_the_job_fails_naming_it_and_creates_no_pod(

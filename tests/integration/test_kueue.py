@@ -266,3 +266,67 @@ def test_a_required_topology_puts_the_whole_gang_in_the_one_rack_kueue_chose(cli
     assert all(selector["pool"] == queue.flavor for selector in selectors)
     for pod in pods:
         assert pod["metadata"]["annotations"]["kueue.x-k8s.io/podset-required-topology"] == RACK
+
+
+def test_an_invalid_edit_fails_the_job_and_finishes_its_workload_so_the_next_job_is_admitted(client: Client) -> None:
+    """The grace period (120 s by default) must be shorter than activeDeadlineSeconds: a check only the operator
+    makes, so the API server accepts the edit and the job fails with InvalidSpec. Its Workload is marked Finished
+    as Kueue's own integrations do, and Kueue gives the quota to the next job at once."""
+    ns = client.create_namespace()
+    queue = Queue(client, ns, cpus=GANG_CPUS)
+    client.create_job(ns, "first", queueName=queue.local_queue)
+    run_gang(client, ns, "first")
+    client.create_job(ns, "second", queueName=queue.local_queue)
+    wait_until(phase_is(client, ns, "second", "Queued"), what="the second job Queued")
+
+    client.patch_job(ns, "second", {"spec": {"activeDeadlineSeconds": 60}})
+    status = wait_until(phase_is(client, ns, "second", "Failed"), what="the queued job Failed")
+    assert condition(status, "InvalidSpec")["message"].startswith("spec.checkpoint.gracePeriodSeconds: ")
+    assert condition(status, "Queued")["status"] == "False"
+    wait_until(lambda: workload_condition(queue.workload("second"), "Finished") == "True",
+               what="the queued job's Workload Finished")
+
+    client.create_job(ns, "third", queueName=queue.local_queue)
+    wait_until(phase_is(client, ns, "third", "Queued"), what="the third job Queued behind the first")
+    client.patch_job(ns, "first", {"spec": {"activeDeadlineSeconds": 60}})
+    status = wait_until(phase_is(client, ns, "first", "Failed"), what="the running job Failed")
+    assert condition(status, "Failed")["reason"] == "InvalidSpec"
+    workload = wait_until(lambda: (w := queue.workload("first")) and workload_condition(w, "Finished") == "True"
+                          and w, what="the running job's Workload Finished")
+    finished = condition(workload["status"], "Finished")
+    assert finished["reason"] == "Failed" and finished["message"].startswith("spec.checkpoint.gracePeriodSeconds")
+    run_gang(client, ns, "third")
+    assert not [name for name in client.pod_names(ns) if name.startswith(("first", "second"))]
+
+    # Corrected, the first job starts over with a new Workload: its Finished one still says Admitted, but that
+    # quota is the third job's now, so it queues.
+    old_uid = workload["metadata"]["uid"]
+    client.patch_job(ns, "first", {"spec": {"activeDeadlineSeconds": 3600}})
+    wait_until(lambda: (w := queue.workload("first")) is not None and w["metadata"]["uid"] != old_uid,
+               what="a new Workload for the corrected job")
+    # Kueue's words: "insufficient unused quota for cpu in flavor ...": the third job holds it.
+    status = wait_until(lambda: (s := client.status(ns, "first")).get("phase") == "Queued"
+                        and "insufficient unused quota" in condition(s, "Queued").get("message", "") and s,
+                        what="the corrected job Queued behind the third")
+    assert condition(status, "Failed")["status"] == "False"
+    assert not [name for name in client.pod_names(ns) if name.startswith("first")]
+
+
+def test_a_local_queue_that_does_not_exist_is_named_in_the_queued_condition_until_it_is_created(
+    client: Client,
+) -> None:
+    ns = client.create_namespace()
+    queue = Queue(client, ns, cpus=GANG_CPUS)
+    client.create_job(ns, "llm", queueName="missing")
+    status = wait_until(lambda: (s := client.status(ns, "llm")).get("phase") == "Queued"
+                        and condition(s, "Queued").get("reason") == "Inadmissible" and s,
+                        what="Queued with Kueue's Inadmissible reason")
+    assert condition(status, "Queued")["message"] == "LocalQueue missing doesn't exist"
+    assert status["message"] == "Queued: LocalQueue missing doesn't exist"
+    assert client.pod_names(ns) == []
+
+    client.call("POST", f"{KUEUE}/namespaces/{ns}/localqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+        "metadata": {"name": "missing", "namespace": ns}, "spec": {"clusterQueue": queue.cluster_queue}})
+    wait_until(pods_are(client, ns, ["llm-a0-n0", "llm-a0-n1"]), what="the gang, once the LocalQueue exists")
+    assert condition(client.status(ns, "llm"), "Queued")["reason"] == "Admitted"

@@ -634,6 +634,12 @@ def test_should_grant_no_kueue_access_when_kueue_is_not_installed(helm_bin: Path
         assert not {rule for rule in granted if rule[0] == "kueue.x-k8s.io"}
 
 
+def test_should_grant_kueue_access_without_its_crds_when_kueue_enabled_is_set(helm_bin: Path) -> None:
+    docs = render(helm_bin, "--set", "kueue.enabled=true")
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    assert KUEUE_WORKLOAD_RULES | KUEUE_CLUSTER_RULES <= rule_set(cluster_role)
+
+
 def test_should_grant_workloads_per_namespace_and_flavors_cluster_wide_when_kueue_crds_exist(helm_bin: Path) -> None:
     docs = render(helm_bin, "--api-versions", "kueue.x-k8s.io/v1beta2")
     (cluster_role,) = of_kind(docs, "ClusterRole")

@@ -131,3 +131,56 @@ def test_lists_are_read_in_pages_and_events_once_for_the_whole_gang() -> None:
         {"fieldSelector": "involvedObject.kind=Pod", "limit": str(LIST_CHUNK), "continue": "5"},
         {"fieldSelector": "involvedObject.kind=Pod", "limit": str(LIST_CHUNK), "continue": "10"},
     ]
+
+
+# kube-apiserver's answers: a missing object of a served resource names it in the details; a path no API serves
+# does not (tests/integration/test_kueue_unavailable.py sees that answer); discovery lists a version's resources.
+WORKLOAD_NOT_FOUND = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                      "message": 'workloads.kueue.x-k8s.io "finetunejob-job" not found',
+                      "details": {"name": "finetunejob-job", "group": "kueue.x-k8s.io", "kind": "workloads"}}
+PATH_NOT_FOUND = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                  "message": "the server could not find the requested resource", "details": {}}
+DISCOVERY = {"kind": "APIResourceList", "groupVersion": "kueue.x-k8s.io/v1beta2",
+             "resources": [{"name": "workloads", "namespaced": True, "kind": "Workload"},
+                           {"name": "workloads/status", "namespaced": True, "kind": "Workload"}]}
+
+
+def answering(status: int, body: dict[str, Any]) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    return handle
+
+
+@pytest.mark.parametrize(("status", "body", "expected"), [
+    pytest.param(200, {"metadata": {"name": "finetunejob-job"}}, {"metadata": {"name": "finetunejob-job"}},
+                 id="found"),
+    pytest.param(404, WORKLOAD_NOT_FOUND, None, id="no-such-workload"),
+    pytest.param(404, PATH_NOT_FOUND, 404, id="workloads-not-served"),
+    pytest.param(403, {"kind": "Status", "code": 403, "message": "forbidden"}, 403, id="forbidden"),
+])
+def test_get_workload_tells_a_missing_workload_from_a_missing_api(status: int, body: dict[str, Any],
+                                                                 expected: Any) -> None:
+    async def run() -> None:
+        async with serving(answering(status, body)) as (api, _):
+            if isinstance(expected, int):
+                with pytest.raises(ApiError) as raised:
+                    await api.get_workload("ns", "finetunejob-job")
+                assert raised.value.status == expected
+            else:
+                assert await api.get_workload("ns", "finetunejob-job") == expected
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("status", "body", "served"), [
+    pytest.param(200, DISCOVERY, True, id="listed"),
+    pytest.param(200, {**DISCOVERY, "resources": [{"name": "localqueues"}]}, False, id="group-without-it"),
+    pytest.param(404, PATH_NOT_FOUND, False, id="group-not-served"),
+])
+def test_serves_reads_the_discovery_document(status: int, body: dict[str, Any], served: bool) -> None:
+    async def run() -> None:
+        async with serving(answering(status, body)) as (api, _):
+            assert await api.serves("kueue.x-k8s.io/v1beta2", "workloads") is served
+
+    asyncio.run(run())

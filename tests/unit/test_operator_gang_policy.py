@@ -117,11 +117,16 @@ def test_unavailable_message_says_what_to_install_or_grant(scheduler: str, api_v
 
 
 class PodGroupLister:
-    """The one request observe_gang makes, answered as the API server would: items, 404 (None) or an error."""
+    """The requests observe_gang makes, answered as the API server would: items, 404 (None) or an error; after a
+    403, whether discovery lists the resource (``served``)."""
 
-    def __init__(self, answer: list[dict[str, Any]] | None | ApiError) -> None:
-        self.answer = answer
+    def __init__(self, answer: list[dict[str, Any]] | None | ApiError, served: bool = True) -> None:
+        self.answer, self.served = answer, served
         self.asked: list[tuple[str, str, str]] = []
+
+    async def serves(self, api_version: str, plural: str) -> bool:
+        assert (api_version, plural) == (VOLCANO, "podgroups")
+        return self.served
 
     async def list_pod_groups(self, namespace: str, job_name: str, api_version: str) -> list[dict[str, Any]] | None:
         self.asked.append((namespace, job_name, api_version))
@@ -130,8 +135,9 @@ class PodGroupLister:
         return self.answer
 
 
-def observe(answer: list[dict[str, Any]] | None | ApiError, **paths: Any) -> tuple[Any, PodGroupLister]:
-    lister = PodGroupLister(answer)
+def observe(answer: list[dict[str, Any]] | None | ApiError, served: bool = True,
+            **paths: Any) -> tuple[Any, PodGroupLister]:
+    lister = PodGroupLister(answer, served)
     body = make_job({**GANG, **paths})
     return asyncio.run(observe_gang(lister, body)), lister  # type: ignore[arg-type]
 
@@ -146,13 +152,18 @@ def test_observe_gang_reads_the_jobs_own_pod_groups_of_its_schedulers_api() -> N
     assert gang == GangObservation(VOLCANO, (PodGroupView("job-a1", 1),)), "a deleted job's PodGroup is left alone"
 
 
-@pytest.mark.parametrize(("answer", "words"), [
-    pytest.param(None, "the CRD podgroups.scheduling.volcano.sh is not installed", id="not-served"),
-    pytest.param(ApiError("list", 403, 'podgroups.scheduling.volcano.sh is forbidden: User "op" cannot list'),
-                 "gangScheduling.volcano=true", id="forbidden"),
+FORBIDDEN = ApiError("list", 403, 'podgroups.scheduling.volcano.sh is forbidden: User "op" cannot list')
+
+
+@pytest.mark.parametrize(("answer", "served", "words"), [
+    pytest.param(None, True, "the CRD podgroups.scheduling.volcano.sh is not installed", id="not-served"),
+    pytest.param(FORBIDDEN, True, "gangScheduling.volcano=true", id="forbidden"),
+    # The authorizer refuses before routing: discovery says the CRD is missing as well.
+    pytest.param(FORBIDDEN, False, "the CRD podgroups.scheduling.volcano.sh is not installed",
+                 id="forbidden-and-not-served"),
 ])
-def test_observe_gang_says_why_the_pod_group_api_cannot_be_used(answer: Any, words: str) -> None:
-    gang, _ = observe(answer)
+def test_observe_gang_says_why_the_pod_group_api_cannot_be_used(answer: Any, served: bool, words: str) -> None:
+    gang, _ = observe(answer, served)
     assert gang is not None and gang.pod_groups == () and words in (gang.unavailable or "")
 
 

@@ -4,6 +4,7 @@ the queue."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -20,9 +21,11 @@ from operator_factories import (
     ts,
 )
 
+from finetune_operator.api import ApiError
 from finetune_operator.decide import EventToEmit, decide
 from finetune_operator.decision import PatchWorkloadStatus
-from finetune_operator.queue_policy import release_workload, wait_for_admission
+from finetune_operator.queue_policy import release_workload, wait_for_admission, workload_unavailable_message
+from finetune_operator.reconcile import observe_queue
 from finetune_operator.workload import Placement, QueueObservation, observe_workload
 
 QUEUED = {**TWO_NODES, "spec.queueName": "team-a"}
@@ -56,7 +59,7 @@ def queued_status(reason: str, message: str) -> dict[str, Any]:
         }, ["create Workload finetunejob-job"], (EventToEmit("Normal", "WorkloadCreated", f"Queued: {CREATED}"),),
             id="new-job-gets-its-workload-and-no-pod"),
         pytest.param(queued_status("WorkloadCreated", CREATED), [],
-                     queue_of(make_workload("Finished", reasons={"QuotaReserved": NO_QUOTA})), {
+                     queue_of(make_workload(reasons={"QuotaReserved": NO_QUOTA})), {
             "phase": "Queued", "attempt": 0, "restarts": 0, "countedFailures": 0, "message": f"Queued: {NO_QUOTA[1]}",
             "observedGeneration": 1, "conditions": [queued_condition(*NO_QUOTA, since=40)],
         }, [], (), id="waiting-shows-kueues-reason-quietly"),
@@ -176,3 +179,127 @@ def test_admission_creates_the_gang_on_the_admitted_flavors_nodes() -> None:
     assert decision.status["phase"] == "Pending"
     assert decision.events_to_emit[0] == EventToEmit("Normal", "Admitted",
                                                      "Admitted: attempt 0 with 2 pod(s) is starting")
+
+
+# ---- edge cases: an invalid spec, a job started again, no Workload API, a LocalQueue that does not exist ----------
+
+INADMISSIBLE = ("Inadmissible", "LocalQueue team-a doesn't exist")
+# Valid when queued; the grace period (default 120 s) must be shorter than the deadline, which only the operator
+# checks.
+INVALID_EDIT = {"spec.activeDeadlineSeconds": 60, "metadata.generation": 2}
+NOT_SERVED = "spec.queueName needs Kueue's Workloads (kueue.x-k8s.io/v1beta2), but ..."
+
+
+def types_of(decision: Any, kind: str) -> list[tuple[str, str]]:
+    return [(item["status"], item["reason"]) for item in decision.status.get("conditions", []) if item["type"] == kind]
+
+
+@pytest.mark.parametrize(
+    ("paths", "pods", "queue", "phase", "actions", "queued"),
+    [
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [], queue_of(make_workload()),
+                     "Failed", ["patch Workload finetunejob-job status"], [("False", "Finished")],
+                     id="invalid-edit-while-queued-finishes-the-workload"),
+        pytest.param({**INVALID_EDIT, "spec.suspend": True, "status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload("QuotaReserved", "Admitted")), "Failed",
+                     ["patch Workload finetunejob-job status"], [("False", "Finished")],
+                     id="invalid-edit-while-admitted-frees-the-quota"),
+        pytest.param({**INVALID_EDIT, "status": {**running_status(), "observedGeneration": 1}}, GANG,
+                     queue_of(make_workload("QuotaReserved", "Admitted")), "Failed",
+                     ["delete Pod job-a0-n0", "delete Pod job-a0-n1", "patch Workload finetunejob-job status"], [],
+                     id="invalid-edit-while-running-stops-the-gang-and-frees-the-quota"),
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload("QuotaReserved", "Admitted", "Finished")), "Failed", [],
+                     [("False", "Finished")], id="workload-already-finished-is-left"),
+        pytest.param({**INVALID_EDIT, "status": queued_status(*NO_QUOTA)}, [], None, "Failed", [],
+                     [("False", "Finished")], id="no-workload-nothing-to-release"),
+        pytest.param({"metadata.generation": 2, "status": {
+            "phase": "Failed", "attempt": 0, "restarts": 0, "countedFailures": 0, "message": "spec.x: bad",
+            "conditions": [{"type": "InvalidSpec", "status": "True", "reason": "InvalidSpec", "message": "bad",
+                            "lastTransitionTime": ts(50), "observedGeneration": 1}]}},
+            [], queue_of(make_workload("QuotaReserved", "Admitted", "Finished")), "Queued",
+            ["delete Workload finetunejob-job"], [("True", "WorkloadCreated")],
+            id="corrected-spec-replaces-the-finished-workload-not-admitted-again"),
+        pytest.param({"status": queued_status(*NO_QUOTA)}, [],
+                     queue_of(make_workload(reasons={"QuotaReserved": INADMISSIBLE})), "Queued", [],
+                     [("True", "Inadmissible")], id="missing-local-queue-shows-kueues-reason"),
+        pytest.param({}, [], queue_of(unavailable=NOT_SERVED), "Failed", [], [],
+                     id="no-workload-api-fails-before-any-pod"),
+        pytest.param({"status": queued_status(*NO_QUOTA)}, [], queue_of(unavailable=NOT_SERVED), "Failed", [],
+                     [("False", "Finished")], id="queued-job-loses-the-workload-api"),
+        pytest.param({"status": running_status()}, GANG, queue_of(unavailable=NOT_SERVED), "Running", [], [],
+                     id="running-gang-trains-on-without-the-workload-api"),
+    ],
+)
+def test_a_queued_job_at_the_edges(
+    paths: dict[str, Any], pods: list[dict[str, Any]], queue: QueueObservation | None, phase: str,
+    actions: list[str], queued: list[tuple[str, str]],
+) -> None:
+    decision = decide(make_job({**QUEUED, **paths}), pods, [], at(100), FakeSettings(), queue=queue)
+    assert decision.status["phase"] == phase
+    assert described(decision) == actions
+    assert types_of(decision, "Queued") == queued
+    assert not any(getattr(a, "kind", None) == "Pod" for a in decision.actions)
+    for action in decision.actions:
+        if isinstance(action, PatchWorkloadStatus):
+            finished = action.patch["status"]["conditions"][-1]
+            assert (finished["type"], finished["status"], finished["reason"]) == ("Finished", "True", "Failed")
+            assert finished["message"].startswith("spec.checkpoint.gracePeriodSeconds: ")
+
+
+def test_a_cluster_without_the_workload_api_fails_the_job_naming_the_crd_or_the_chart_value() -> None:
+    decision = decide(make_job(QUEUED), [], [], at(100), FakeSettings(),
+                      queue=queue_of(unavailable=workload_unavailable_message(404)))
+    assert types_of(decision, "Failed") == [("True", "WorkloadAPIUnavailable")]
+    assert "the CRD workloads.kueue.x-k8s.io is not installed" in decision.status["message"]
+    assert decision.events_to_emit[0].reason == "WorkloadAPIUnavailable"
+    assert decision.events_to_emit[0].type == "Warning"
+    forbidden = workload_unavailable_message(403, "cannot get resource")
+    assert "(HTTP 403)" in forbidden and "kueue.enabled=true" in forbidden and forbidden.endswith("cannot get resource")
+
+
+class WorkloadReader:
+    """The requests observe_queue makes for a job without a WorkloadPriorityClass, answered as the API server would:
+    the Workload, None (404 naming it), or an error; after a 403, whether discovery lists Workloads."""
+
+    def __init__(self, answer: dict[str, Any] | None | ApiError, served: bool = True) -> None:
+        self.answer, self.served = answer, served
+
+    async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
+        assert (namespace, name) == ("ns", "finetunejob-job")
+        if isinstance(self.answer, ApiError):
+            raise self.answer
+        return self.answer
+
+    async def serves(self, api_version: str, plural: str) -> bool:
+        assert (api_version, plural) == ("kueue.x-k8s.io/v1beta2", "workloads")
+        return self.served
+
+
+FORBIDDEN = ApiError("get", 403, 'workloads.kueue.x-k8s.io "finetunejob-job" is forbidden: User "op" cannot get')
+
+
+@pytest.mark.parametrize(("answer", "served", "workload", "words"), [
+    pytest.param(make_workload(), True, "finetunejob-job", None, id="found"),
+    pytest.param(None, True, None, None, id="none-yet"),
+    pytest.param(ApiError("get", 404, "workloads are not served"), True, None,
+                 "the CRD workloads.kueue.x-k8s.io is not installed", id="not-served"),
+    pytest.param(FORBIDDEN, True, None, "install the chart with kueue.enabled=true", id="forbidden"),
+    pytest.param(FORBIDDEN, False, None, "the CRD workloads.kueue.x-k8s.io is not installed",
+                 id="forbidden-and-not-served"),
+])
+def test_observe_queue_reads_the_workload_or_says_why_it_cannot(
+    answer: Any, served: bool, workload: str | None, words: str | None,
+) -> None:
+    queue = asyncio.run(observe_queue(WorkloadReader(answer, served), make_job(QUEUED), []))  # type: ignore[arg-type]
+    assert queue is not None
+    assert (queue.workload.name if queue.workload else None) == workload
+    assert (queue.unavailable is None) == (words is None)
+    if words is not None:
+        assert words in (queue.unavailable or "")
+
+
+def test_observe_queue_raises_other_errors() -> None:
+    with pytest.raises(ApiError):
+        asyncio.run(observe_queue(WorkloadReader(ApiError("get", 500, "etcd timeout")),  # type: ignore[arg-type]
+                                  make_job(QUEUED), []))

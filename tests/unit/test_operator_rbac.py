@@ -144,7 +144,10 @@ class InMemoryApi(KubeApi):
             self.put(collection, new)
             return 201, copy.deepcopy(new)
         if key not in self.objects:
-            return 404, {"message": "not found"}
+            # As the API server answers for a missing object of a served resource: the details name both.
+            plural = collection.rsplit("/", 1)[-1]
+            return 404, {"kind": "Status", "reason": "NotFound", "message": f'{plural} "{name}" not found',
+                         "details": {"name": name, "kind": plural}}
         if method == "GET":
             return 200, copy.deepcopy(self.objects[key])
         if method == "PATCH":
@@ -289,6 +292,38 @@ def run_life_of_a_queued_job() -> InMemoryApi:
     return api
 
 
+class KueuelessApi(InMemoryApi):
+    """A cluster without Kueue whose RBAC grants nothing on its group: the authorizer refuses a Workload request
+    (403) before routing, and discovery (readable by every authenticated client) does not know the group (404)."""
+
+    async def request(self, verb: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        if not path.startswith(f"/apis/{c.KUEUE_GROUP}/"):
+            return await super().request(verb, method, path, **kwargs)
+        self.requests.append((method, path, kwargs.get("params")))
+        if path == f"/apis/{c.KUEUE_API_VERSION}":
+            assert 404 in kwargs.get("ok_statuses", ())
+            return 404, {"kind": "Status", "reason": "NotFound", "message": "the server could not find it"}
+        raise ApiError(verb, 403, f"{method} {path}: forbidden")
+
+
+def run_life_of_a_queued_job_without_kueue() -> InMemoryApi:
+    """A job in a Kueue queue on a cluster without Kueue: it fails at once, saying the CRD is not installed."""
+    api = KueuelessApi()
+    api.put(JOBS, make_job(spec__queueName="team-a"))
+    reconciler = Reconciler(api, Settings(trainer_image="img"), OperatorMetrics(), clock=lambda: at(1))
+
+    async def life() -> None:
+        await reconciler.reconcile("ns", "job", api.objects.get((JOBS, "job")))
+        await reconciler.close()
+
+    asyncio.run(life())
+    status = api.objects[(JOBS, "job")]["status"]
+    assert (status["phase"], status["conditions"][-1]["reason"]) == ("Failed", "WorkloadAPIUnavailable"), status
+    assert "the CRD workloads.kueue.x-k8s.io is not installed" in status["message"]
+    assert not api.items(PODS)
+    return api
+
+
 def run_life_of_a_gang_job(scheduler: str) -> InMemoryApi:
     """A gang job: a deleted job's PodGroup of the same name is not reused; the attempt's PodGroup comes before its
     pods, the next attempt gets a new one (the old one goes), and the last goes when the job succeeds."""
@@ -327,7 +362,14 @@ def run_life_of_a_gang_job(scheduler: str) -> InMemoryApi:
 def test_every_request_the_operator_makes_is_in_the_api_rbac_table_and_nothing_else() -> None:
     plain, queued = run_life_of_a_job(), run_life_of_a_queued_job()
     volcano, coscheduling = run_life_of_a_gang_job("volcano"), run_life_of_a_gang_job("coscheduling")
-    assert plain.methods | queued.methods | volcano.methods == set(public_methods()), "every request is exercised"
+    kueueless = run_life_of_a_queued_job_without_kueue()
+    assert plain.methods | queued.methods | volcano.methods | kueueless.methods == set(public_methods()), (
+        "every request is exercised")
+    # Discovery needs no rule of the chart's (system:discovery grants it to every authenticated client).
+    discovery = f"/apis/{c.KUEUE_API_VERSION}"
+    assert discovery in {path for _, path, _ in kueueless.requests}
+    assert {rule_of(method, path, params) for method, path, params in kueueless.requests
+            if path != discovery} - API_RBAC == {(c.KUEUE_GROUP, c.KUEUE_WORKLOADS, "get")}
     used = {rule_of(method, path, params) for method, path, params in plain.requests}
     assert used == API_RBAC | peering_rbac(clusterwide=True) | peering_rbac(clusterwide=False)
     used_queued = {rule_of(method, path, params) for method, path, params in queued.requests}
@@ -363,6 +405,7 @@ INSTALLS: dict[str, list[str]] = {
     "namespace scope": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}"],
     "namespace scope, 3 replicas": ["--set", "rbac.scope=namespace", "--set", "replicaCount=3"],
     "cluster scope, Kueue installed": ["--api-versions", KUEUE_API],
+    "cluster scope, Kueue enabled before it is installed": ["--set", "kueue.enabled=true"],
     "namespace scope, Kueue installed": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}",
                                          "--api-versions", KUEUE_API],
     "cluster scope, Volcano": ["--set", "gangScheduling.volcano=true"],
@@ -379,7 +422,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses(helm_bin: Path, install
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = load_settings([], environ=env)
     needed = handlers.required_rbac(clusterwide=settings.clusterwide, peering=settings.peering is not None,
-                                    kueue=KUEUE_API in INSTALLS[install],
+                                    kueue=bool({KUEUE_API, "kueue.enabled=true"} & set(INSTALLS[install])),
                                     volcano="gangScheduling.volcano=true" in INSTALLS[install],
                                     coscheduling="gangScheduling.coscheduling=true" in INSTALLS[install])
     namespaced = {rule for rule in needed if rule[1] not in CLUSTER_SCOPED}

@@ -143,8 +143,8 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
-{{- if $root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
-# Kueue (where its CRDs exist): a job with spec.queueName gets a Workload the operator creates, watches (admission,
+{{- if or $root.Values.kueue.enabled ($root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2") }}
+# Kueue (where its CRDs exist, or kueue.enabled): a job with spec.queueName gets a Workload the operator creates, watches (admission,
 # eviction), marks Finished or evicted-and-stopped in its status, and deletes when the job is suspended.
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
@@ -184,7 +184,7 @@ patches the jobs themselves, and kopf never lists namespaces (they are given by 
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
-{{- if $root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
+{{- if or $root.Values.kueue.enabled ($root.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2") }}
 # Kueue: the admitted ResourceFlavors' node labels and tolerations go on the pods; a WorkloadPriorityClass's value
 # becomes the Workload's priority.
 - apiGroups: ["kueue.x-k8s.io"]
