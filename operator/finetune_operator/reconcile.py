@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import hashlib
 import json
 import logging
 import random
@@ -47,7 +48,7 @@ from finetune_operator.decision import (
 )
 from finetune_operator.gang import GangObservation, observe_pod_groups
 from finetune_operator.gang_policy import unavailable_message
-from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone
+from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone, remembered_body
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.pod_creation import record_create_refusal
 from finetune_operator.pod_view import PodView, observe_pods
@@ -84,10 +85,12 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def pod_fingerprint(pod: Mapping[str, Any]) -> str:
-    """What of a pod ``decide`` can react to: its status and whether it is being deleted."""
+def pod_fingerprint(pod: Mapping[str, Any]) -> bytes:
+    """What of a pod ``decide`` can react to: its status and whether it is being deleted. A digest, not the status
+    itself: a thousand running gangs would otherwise keep a kilobyte or two of JSON per pod."""
     metadata = pod.get("metadata") or {}
-    return json.dumps([pod.get("status"), metadata.get("deletionTimestamp")], sort_keys=True, default=str)
+    text = json.dumps([pod.get("status"), metadata.get("deletionTimestamp")], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 @dataclass
@@ -104,7 +107,7 @@ class _JobSlot:
     progress_read_at: float | None = None
     errors: int = 0
     requeue: asyncio.TimerHandle | None = None
-    pods: dict[str, str] = field(default_factory=dict)
+    pods: dict[str, bytes] = field(default_factory=dict)
     # When the watch (or a read) last showed the job, on the reconciler's monotonic clock.
     seen_at: float = 0.0
     # The body was read from the API server by this reconcile, not remembered from the watch.
@@ -171,7 +174,7 @@ class Reconciler:
             self.forget(*key)
             slot = self._slot(key)
         slot.uid = uid
-        slot.body = dict(body)
+        slot.body = remembered_body(body)
         slot.body_read = False
         slot.seen_at = self.monotonic()
         generation = metadata.get("generation")
