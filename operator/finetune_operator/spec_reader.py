@@ -8,6 +8,7 @@ the CRD's, copied once; ``tests/unit/test_spec_contract.py`` walks the CRD and f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -236,10 +237,17 @@ def _scalar_type(hint: Any) -> type:
     return typing.cast(type, hint)
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A class's field annotations, resolved once: get_type_hints compiles every string annotation anew, which on
+    every reconcile of every job was most of the operator's allocations (memray)."""
+    return typing.get_type_hints(cls)
+
+
 def read_fields(cls: type[T], reader: Reader, **parsed: Any) -> T:
     """``cls`` with every ``spec_field`` read from ``reader`` by its rule, absent ones left at their default;
     ``parsed`` holds the fields the caller read itself (sections, lists, quantities)."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = dict(parsed)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         rule = field_rule(f)
