@@ -19,6 +19,7 @@ requeue or resync that fires before the forgetting creates nothing for a job tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -67,10 +68,11 @@ AUDIT_SECONDS = 300.0
 API_ERROR_MARK = " (API error: "
 # A requeue fires a little after the moment it waits for, so the deadline has surely passed.
 REQUEUE_MARGIN_SECONDS = 0.05
-# Reconcile passes running at once; the others wait holding nothing but their coroutine. Each pass holds its job's
-# pods, the children it builds and the API's answers (about 100 kB for a new 2-node job): 1,000 jobs created at once
-# all in flight left ~100 MB of freed but unreturnable heap behind. Four per connection of the API client keep every
-# connection busy (DEFAULT_POOL_SIZE), so a burst is not slower; a progress read waits outside the limit (below).
+# Passes for watch events and requeues running at once; the others wait holding nothing but their coroutine. Each
+# pass holds its job's pods, the children it builds and the API's answers (about 100 kB for a new 2-node job): 1,000
+# jobs created at once all in flight left ~100 MB of freed but unreturnable heap behind. Four per connection of the
+# API client keep every connection busy (DEFAULT_POOL_SIZE), so a burst is not slower. The resync's passes (progress
+# reads, a second each when a metrics endpoint does not answer) are not limited: a new job must never wait for them.
 MAX_CONCURRENT_PASSES = 64
 
 Clock = Callable[[], datetime.datetime]
@@ -368,7 +370,7 @@ class Reconciler:
                 want = want_progress or slot.want_progress
                 slot.dirty = slot.want_progress = False
                 try:
-                    async with self._passes:
+                    async with contextlib.nullcontext() if want else self._passes:
                         decision = await self._reconcile_once(namespace, name, slot, want_progress=want)
                 except ApiError as error:
                     slot.errors += 1
@@ -413,7 +415,7 @@ class Reconciler:
         sample = None
         if want_progress and old_status.get("phase") == c.PHASE_RUNNING and self._progress_due(slot, old_status):
             slot.progress_read_at = self.monotonic()
-            sample = await self._read_progress_outside_limit(body, views, str(uid))
+            sample = await self._read_progress(body, views, str(uid))
         queue = await observe_queue(self.api, body, views)
         gang = await observe_gang(self.api, body)
 
@@ -570,16 +572,6 @@ class Reconciler:
         if slot.progress_read_at is None or "progress" not in status:
             return True
         return self.monotonic() - slot.progress_read_at >= self.settings.progress_seconds
-
-    async def _read_progress_outside_limit(self, body: Mapping[str, Any], views: list[Any],
-                                           uid: str) -> ProgressSample | None:
-        """A pass's progress read, its place in the pass limit given up meanwhile: unreachable metrics endpoints (a
-        second each) must not hold up the other jobs' passes."""
-        self._passes.release()
-        try:
-            return await self._read_progress(body, views, uid)
-        finally:
-            await self._passes.acquire()
 
     async def _read_progress(self, body: Mapping[str, Any], views: list[Any], uid: str) -> ProgressSample | None:
         status = body.get("status") or {}

@@ -44,7 +44,7 @@ def test_a_burst_runs_at_most_the_limit_of_passes_at_once_and_all_of_them_in_the
     assert sum(1 for write in api.writes if write == "patch status") == len(names)
 
 
-def test_progress_reads_wait_outside_the_limit() -> None:
+def test_the_resyncs_progress_reads_are_not_held_by_the_limit() -> None:
     reconciler, api, _ = make_reconciler(make_job(status=RUNNING))
     api.pods = {"job-a0-n0": make_pod(0, 0, "Running", ip="10.1.2.3")}
     gate, reading = asyncio.Event(), [0]
@@ -62,7 +62,7 @@ def test_progress_reads_wait_outside_the_limit() -> None:
             {"metadata.name": name}, status=RUNNING), want_progress=True)) for name in names]
         for _ in range(20):
             await asyncio.sleep(0)
-        # Every pass reached its read: those waiting on metrics endpoints do not hold up the others.
+        # Every resync pass reached its read: passes waiting on metrics endpoints take no place in the limit.
         assert reading[0] == len(names)
         gate.set()
         await asyncio.gather(*tasks)
