@@ -8,7 +8,6 @@ the CRD's, copied once; ``tests/unit/test_spec_contract.py`` walks the CRD and f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import types
 import typing
@@ -237,11 +236,16 @@ def _scalar_type(hint: Any) -> type:
     return typing.cast(type, hint)
 
 
-@functools.cache
+# Each spec class's resolved annotations: get_type_hints compiles every string annotation anew, which on every
+# reconcile of every job was most of the operator's allocations (memray).
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
-    """A class's field annotations, resolved once: get_type_hints compiles every string annotation anew, which on
-    every reconcile of every job was most of the operator's allocations (memray)."""
-    return typing.get_type_hints(cls)
+    hints = _TYPE_HINTS.get(cls)
+    if hints is None:
+        hints = _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def read_fields(cls: type[T], reader: Reader, **parsed: Any) -> T:

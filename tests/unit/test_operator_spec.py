@@ -231,7 +231,7 @@ def test_annotations_are_resolved_once_per_class_not_per_parse(monkeypatch: pyte
         calls.append(cls)
         return resolve(cls, *args, **kwargs)
 
-    spec_reader._type_hints.cache_clear()
+    monkeypatch.setattr(spec_reader, "_TYPE_HINTS", {})
     monkeypatch.setattr(spec_reader.typing, "get_type_hints", counted)
     first = parse_job(make_job())
     resolved = len(calls)
