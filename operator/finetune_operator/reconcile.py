@@ -19,7 +19,6 @@ requeue or resync that fires before the forgetting creates nothing for a job tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import datetime
 import hashlib
@@ -71,9 +70,11 @@ REQUEUE_MARGIN_SECONDS = 0.05
 # Passes for watch events and requeues running at once; the others wait holding nothing but their coroutine. Each
 # pass holds its job's pods, the children it builds and the API's answers (about 100 kB for a new 2-node job): 1,000
 # jobs created at once all in flight left ~100 MB of freed but unreturnable heap behind. Four per connection of the
-# API client keep every connection busy (DEFAULT_POOL_SIZE), so a burst is not slower. The resync's passes (progress
-# reads, a second each when a metrics endpoint does not answer) are not limited: a new job must never wait for them.
+# API client keep every connection busy (DEFAULT_POOL_SIZE), so a burst is not slower.
 MAX_CONCURRENT_PASSES = 64
+# The resync's passes (progress reads, deadlines) have a limit of their own: a new job never waits behind them, and
+# a thousand pending jobs' resyncs cannot crowd a burst's passes out of the API client.
+MAX_CONCURRENT_RESYNC_PASSES = 16
 
 Clock = Callable[[], datetime.datetime]
 # Injected beside the clock so that unit tests drive the resync's pacing with fake time, not wall-clock windows.
@@ -153,6 +154,7 @@ class Reconciler:
         self._audited_at: float | None = None
         self._jitter = random.random
         self._passes = asyncio.Semaphore(MAX_CONCURRENT_PASSES)
+        self._resync_passes = asyncio.Semaphore(MAX_CONCURRENT_RESYNC_PASSES)
 
     async def close(self) -> None:
         for slot in self._slots.values():
@@ -370,7 +372,7 @@ class Reconciler:
                 want = want_progress or slot.want_progress
                 slot.dirty = slot.want_progress = False
                 try:
-                    async with contextlib.nullcontext() if want else self._passes:
+                    async with self._resync_passes if want else self._passes:
                         decision = await self._reconcile_once(namespace, name, slot, want_progress=want)
                 except ApiError as error:
                     slot.errors += 1
