@@ -73,7 +73,9 @@ class Watch:
                     if not raw.strip():
                         continue
                     event = json.loads(raw)
-                    if "type" not in event:
+                    # A Status instead of an event, or an ERROR event carrying one (410 Gone: watch again).
+                    if "type" not in event or event["type"] == "ERROR":
+                        event = event.get("object", event)
                         retry_after = float((event.get("details") or {}).get("retryAfterSeconds", 1))
                         break
                     self.on_event(event["type"], event["object"], time.perf_counter())

@@ -8,9 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import kopf
-
-from finetune_operator.handlers import operate
+from finetune_operator.kopf_import import import_kopf
 from finetune_operator.settings import SettingsError, load_settings
 
 
@@ -20,6 +18,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as error:
         print(f"finetune-operator: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    # kopf first, without the kubernetes client; the handlers import it again from sys.modules.
+    kopf = import_kopf()
+    from finetune_operator.handlers import operate
+
     kopf.configure(log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(settings.log_level)
     # aiohttp's access log drowns everything else at INFO.

@@ -52,6 +52,7 @@ MEMO_IDENTITY = "identity"
 MEMO_PRIORITY = "priority"
 MEMO_WATCHING = "watching"
 PODS = ("", "v1", "pods")
+IDLE_WORKER_SECONDS = 0.5
 WORKLOADS = (c.KUEUE_GROUP, c.KUEUE_VERSION, c.KUEUE_WORKLOADS)
 
 # What kopf itself does with the handlers below: list and watch the jobs and the labelled pods, post Events
@@ -141,6 +142,10 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
     kopf_settings.networking.request_timeout = 60
+    # kopf keeps a worker task per object for this long after its last event, holding that event's whole body: 5 s
+    # (kopf's default) of a thousand new jobs' and pods' bodies at once during a burst. Our handlers only trigger a
+    # reconcile, so a worker started again for a later event costs nothing worth keeping them for.
+    kopf_settings.queueing.idle_timeout = IDLE_WORKER_SECONDS
 
 
 async def operate(

@@ -236,10 +236,22 @@ def _scalar_type(hint: Any) -> type:
     return typing.cast(type, hint)
 
 
+# Each spec class's resolved annotations: get_type_hints compiles every string annotation anew, which on every
+# reconcile of every job was most of the operator's allocations (memray).
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints = _TYPE_HINTS.get(cls)
+    if hints is None:
+        hints = _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def read_fields(cls: type[T], reader: Reader, **parsed: Any) -> T:
     """``cls`` with every ``spec_field`` read from ``reader`` by its rule, absent ones left at their default;
     ``parsed`` holds the fields the caller read itself (sections, lists, quantities)."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = dict(parsed)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         rule = field_rule(f)

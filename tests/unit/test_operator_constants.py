@@ -74,3 +74,15 @@ def test_importing_the_operator_does_not_import_torch_or_the_trainer() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_the_operator_process_runs_kopf_without_the_kubernetes_client() -> None:
+    # kopf probes for the kubernetes client at import; the operator hides it (about 50 MB of generated models) and
+    # a kubeconfig with an exec plugin can still import it afterwards.
+    code = (
+        "import sys; from finetune_operator.kopf_import import import_kopf; kopf = import_kopf(); "
+        "import finetune_operator.handlers; print('kubernetes' in sys.modules, kopf.adopt is not None); "
+        "import kubernetes.config; print('kubernetes.config' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["False", "True", "True"]

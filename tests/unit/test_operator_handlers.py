@@ -86,3 +86,10 @@ WATCHERS = ["watcher for finetunejobs.v1alpha1.finetune.dev@None", "watcher for 
 )
 def test_missing_watches(tasks: list[str], namespaces: tuple[str, ...], missing: list[str]) -> None:
     assert handlers.missing_watches(tasks, namespaces) == missing
+
+
+def test_idle_kopf_workers_let_go_of_their_last_event_sooner_than_kopfs_default() -> None:
+    kopf_settings = kopf.OperatorSettings()
+    handlers.configure_kopf(kopf_settings, Settings())
+    assert kopf_settings.queueing.idle_timeout == handlers.IDLE_WORKER_SECONDS
+    assert handlers.IDLE_WORKER_SECONDS < kopf.OperatorSettings().queueing.idle_timeout

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone
+from finetune_operator.job_presence import JobKey, RememberedJob, jobs_gone, remembered_body
 
 LISTED_FROM = 100.0
 
@@ -40,3 +40,37 @@ def listed(*jobs: tuple[str, str, str]) -> list[dict[str, Any]]:
 )
 def test_jobs_gone(remembered: dict[JobKey, RememberedJob], items: list[dict[str, Any]], gone: list[JobKey]) -> None:
     assert jobs_gone(remembered, items, LISTED_FROM) == gone
+
+
+APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "kept"),
+    [
+        pytest.param({"name": "j", "uid": "u", "generation": 2}, {"name": "j", "uid": "u", "generation": 2},
+                     id="nothing to leave out"),
+        pytest.param({"name": "j", "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]},
+                     {"name": "j"}, id="field ownership left out"),
+        pytest.param({"name": "j", "labels": {"team": "a"}, "annotations": {APPLIED: "{...}", "note": "x"}},
+                     {"name": "j", "labels": {"team": "a"}, "annotations": {"note": "x"}},
+                     id="kubectl's applied copy left out, other annotations kept"),
+        pytest.param({"name": "j", "annotations": {APPLIED: "{...}"}}, {"name": "j", "annotations": {}},
+                     id="only the applied copy"),
+        pytest.param({"name": "j", "deletionTimestamp": "2025-01-01T00:00:00Z", "ownerReferences": []},
+                     {"name": "j", "deletionTimestamp": "2025-01-01T00:00:00Z", "ownerReferences": []},
+                     id="what reconciles read is kept"),
+    ],
+)
+def test_remembered_body_leaves_out_unread_metadata(metadata: dict[str, Any], kept: dict[str, Any]) -> None:
+    spec, status = {"distributed": {"nodes": 2}}, {"phase": "Running"}
+    body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": metadata, "spec": spec,
+            "status": status}
+    lean = remembered_body(body)
+    assert lean == {**body, "metadata": kept}
+    assert lean["spec"] is spec and lean["status"] is status  # shared with the event's body, not copied
+
+
+def test_remembered_body_without_metadata_is_a_copy() -> None:
+    body = {"kind": "FineTuneJob"}
+    assert remembered_body(body) == body and remembered_body(body) is not body

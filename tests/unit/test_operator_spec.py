@@ -217,3 +217,23 @@ def test_invalid_specs_name_the_field(paths: dict[str, Any], message: str) -> No
 )
 def test_valid_edge_cases(paths: dict[str, Any]) -> None:
     parse_job(make_job(paths))
+
+
+def test_annotations_are_resolved_once_per_class_not_per_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typing
+
+    from finetune_operator import spec_reader
+
+    calls: list[type] = []
+    resolve = typing.get_type_hints
+
+    def counted(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(cls)
+        return resolve(cls, *args, **kwargs)
+
+    monkeypatch.setattr(spec_reader, "_TYPE_HINTS", {})
+    monkeypatch.setattr(spec_reader.typing, "get_type_hints", counted)
+    first = parse_job(make_job())
+    resolved = len(calls)
+    assert resolved > 0 and parse_job(make_job()) == first
+    assert len(calls) == resolved
