@@ -54,7 +54,7 @@ def install_chart(plane: ControlPlane, kubeconfig: Path, values: Sequence[str] =
     (its default namespace ``namespace``)."""
     plane.kubectl("create", "namespace", OPERATOR_NAMESPACE)
     plane.kubectl("apply", "--server-side", "-f", "-", input=render_chart(values, api_versions))
-    plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    plane.wait_for_crds("finetunejobs.finetune.dev")
     token = plane.kubectl("create", "token", OPERATOR_SERVICE_ACCOUNT, "-n", OPERATOR_NAMESPACE,
                           "--duration=24h").strip()
     return plane.token_kubeconfig(kubeconfig, token, namespace=namespace)

@@ -299,6 +299,21 @@ class ControlPlane:
         _post_json(f"{etcd}/compaction", {"revision": revision, "physical": True})
         return revision
 
+    def wait_for_crds(self, *names: str, timeout: float = 60.0) -> None:
+        """Wait until each CRD (``plural.group``) is Established. ``kubectl wait --for=condition=Established`` fails
+        outright on a CRD whose status the API server has not written yet, so this polls instead."""
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while not self._established(name):
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(f"CRD {name} was not established in {timeout:.0f} s")
+                time.sleep(0.2)
+
+    def _established(self, name: str) -> bool:
+        found = json.loads(self.kubectl("get", f"crd/{name}", "-o", "json"))
+        conditions = (found.get("status") or {}).get("conditions") or []
+        return any(item.get("type") == "Established" and item.get("status") == "True" for item in conditions)
+
     def kubectl(self, *args: str, input: str | None = None, kubeconfig: Path | None = None) -> str:
         """Run kubectl as the cluster's admin (or the given kubeconfig's identity); stdout, raises on failure."""
         result = subprocess.run(

@@ -19,7 +19,6 @@ How the manager runs here, compared with Kueue's own Deployment:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -98,20 +97,9 @@ class Kueue:
     def install_crds(self) -> None:
         """Kueue's CRDs, server-side (they are too large for the last-applied annotation), and its namespace."""
         self.plane.kubectl("apply", "--server-side", "-f", str(self.build / "crds"))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for crd in CRDS:
-            # `kubectl wait` fails outright on a CRD whose status the API server has not written yet.
-            while not self._established(crd):
-                if time.monotonic() > deadline:
-                    raise ControlPlaneError(f"Kueue's CRD {crd} was not established in {START_TIMEOUT_S:.0f} s")
-                time.sleep(0.2)
+        self.plane.wait_for_crds(*(f"{crd}.kueue.x-k8s.io" for crd in CRDS), timeout=START_TIMEOUT_S)
         namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
         self.plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(namespace))
-
-    def _established(self, crd: str) -> bool:
-        found = json.loads(self.plane.kubectl("get", f"crd/{crd}.kueue.x-k8s.io", "-o", "json"))
-        conditions = (found.get("status") or {}).get("conditions") or []
-        return any(item.get("type") == "Established" and item.get("status") == "True" for item in conditions)
 
     def _write_config(self) -> Path:
         certs = self.work_dir / "certs"

@@ -10,9 +10,7 @@ once (Volcano's generated from its API types).
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from pathlib import Path
 
 from localcluster.controlplane import ControlPlane, ControlPlaneError
@@ -34,16 +32,4 @@ def podgroup_crds() -> Path:
 def install_podgroup_crds(plane: ControlPlane) -> None:
     """Both PodGroup CRDs and Volcano's Queue CRD applied and established."""
     plane.kubectl("apply", "--server-side", "-f", str(podgroup_crds()))
-    deadline = time.monotonic() + ESTABLISH_TIMEOUT_S
-    for crd in CRDS:
-        # `kubectl wait` fails outright on a CRD whose status the API server has not written yet.
-        while not _established(plane, crd):
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f"CRD {crd} was not established in {ESTABLISH_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)
-
-
-def _established(plane: ControlPlane, crd: str) -> bool:
-    found = json.loads(plane.kubectl("get", f"crd/{crd}", "-o", "json"))
-    conditions = (found.get("status") or {}).get("conditions") or []
-    return any(item.get("type") == "Established" and item.get("status") == "True" for item in conditions)
+    plane.wait_for_crds(*CRDS, timeout=ESTABLISH_TIMEOUT_S)

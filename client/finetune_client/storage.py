@@ -50,7 +50,11 @@ class ObjectStorage:
             connect_timeout=5,
             read_timeout=60,
         )
-        self._client: Any = boto3.client("s3", endpoint_url=self.endpoint, region_name=region, config=config)
+        # A session of its own reads the credential chain now: boto3's module-level default session keeps the
+        # credentials it resolved first, so a notebook that changes AWS_* (or its profile) would keep signing
+        # with the old ones.
+        session = boto3.session.Session()
+        self._client: Any = session.client("s3", endpoint_url=self.endpoint, region_name=region, config=config)
 
     @classmethod
     def for_job(cls, spec: dict[str, Any]) -> ObjectStorage:

@@ -25,7 +25,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """The API server with the CRD and no operator or kubelet: no job here ever has a pod."""
     with ControlPlane(tmp_path_factory.mktemp("logs") / "control-plane", scheduler=False) as started:
         started.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "finetune.dev_finetunejobs.yaml"))
-        started.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+        started.wait_for_crds("finetunejobs.finetune.dev")
         yield started
 
 

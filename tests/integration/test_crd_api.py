@@ -79,7 +79,7 @@ def errors_of(status: int, answer: dict[str, Any]) -> list[FieldError]:
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobsApi]:
     with ControlPlane(tmp_path_factory.mktemp("crd") / "control-plane", scheduler=False) as plane:
         plane.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+        plane.wait_for_crds("finetunejobs.finetune.dev")
         yield JobsApi(plane)
 
 

@@ -184,3 +184,17 @@ def test_pull_merges_an_adapter_into_its_base_unless_told_not_to(tmp_path: Path)
     AutoModelForCausalLM.from_pretrained(merged)
     assert (tmp_path / "kept" / "adapter_config.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ftj-pull-")]
+
+
+def test_each_storage_reads_the_credentials_in_the_environment_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # boto3's default session keeps the first credentials it resolved; a notebook that switches AWS_* keys must not
+    # go on signing with the old ones (the server answers SignatureDoesNotMatch).
+    from finetune_client.storage import ObjectStorage
+
+    keys = []
+    for key in ("first-key", "second-key"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"{key}-secret")
+        storage = ObjectStorage(endpoint="http://127.0.0.1:1", region="us-east-1")
+        keys.append(storage._client._request_signer._credentials.access_key)
+    assert keys == ["first-key", "second-key"]
