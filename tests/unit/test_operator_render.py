@@ -64,6 +64,7 @@ def test_tiny_example_renders_exactly() -> None:
         "checkpoint": {"everySteps": 100, "keep": 2, "gracePeriodSeconds": 120},
         "metrics": {"port": 9400},
         "storage": {"forcePathStyle": True},
+        "tracking": {},
         "local": {"cacheDir": "/scratch/cache", "workDir": "/scratch/work"},
         "job": {"name": "tiny-cpu", "namespace": "team-a", "attempt": 0},
     }
@@ -82,9 +83,15 @@ def test_every_optional_section_is_accepted_by_the_trainer() -> None:
         "spec.metrics": {"port": 9500, "pushgateway": "http://pushgateway:9091"},
         "spec.storage": {"endpoint": "http://s3.local:8333", "region": "eu-1", "forcePathStyle": True,
                          "credentialsSecret": "creds"},
+        "spec.tracking.mlflow": {"trackingUri": "https://mlflow.example", "experiment": "support", "runName": "r1",
+                                 "registerModelAs": "support-bot", "credentialsSecret": "mlflow-token"},
         "status": {"attempt": 4},
     })
     config = render_trainer_config(parse_job(body))
+    # The Secret's name stays with the pods' secretKeyRef; the trainer finds the run again by the job's uid.
+    assert config["tracking"] == {"mlflow": {"trackingUri": "https://mlflow.example", "experiment": "support",
+                                             "runName": "r1", "registerModelAs": "support-bot"}}
+    assert config["job"]["uid"] == body["metadata"]["uid"]
     loaded = config_from_dict(config)
     assert loaded.training.lora is not None and loaded.training.lora.targetModules == ["q_proj"]
     assert loaded.training.earlyStopping is not None and loaded.training.earlyStopping.minDelta == 0.01

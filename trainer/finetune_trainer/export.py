@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 RESULT_NAME = "result.json"
 SUMMARY_KEYS = ("steps", "maxSteps", "epoch", "trainLoss", "evalLossBefore", "evalLossAfter", "bestEvalLoss",
-                "tokensSeen", "wallTimeSeconds")
+                "tokensSeen", "wallTimeSeconds", "tracking")
 MODEL_DIR = "model"
 # A pickle of TrainingArguments that HF writes beside every saved model: not part of a model folder.
 NOT_EXPORTED = {"training_args.bin"}
@@ -134,6 +134,7 @@ def summarize(
     world_size: int,
     precision: str,
     data: dict[str, int] | None = None,
+    tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """result.json's content, from the Trainer's log history (which a resume restores)."""
     evaluations = [(int(e.get("step", 0)), float(e["eval_loss"])) for e in state.log_history if "eval_loss" in e]
@@ -163,6 +164,8 @@ def summarize(
         "precision": precision,
         "data": data or {},
         "job": {"name": config.job.name, "namespace": config.job.namespace, "attempt": config.job.attempt},
+        # The experiment-tracking run ({runId, experimentId}), when one was started.
+        "tracking": tracking,
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

@@ -80,6 +80,7 @@ from finetune_trainer.history import HistoryCallback
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
 from finetune_trainer.resume import restore_checkpoint
 from finetune_trainer.storage import ObjectStore, open_store, pull_model
+from finetune_trainer.tracking_mlflow import MlflowTracker, TrackingCallback, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     preemption = Preemption()
     preemption.install()
     metrics = start_metrics(config, ctx)
+    tracking: MlflowTracker | None = None
     try:
         init_distributed(ctx, cuda)
         precision = resolve_precision(
@@ -429,7 +431,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         )
         if restored is not None and ctx.rank == 0:
             checkpoints.counter.restored_tokens = restored.manifest.tokensSeen
-        training = build_trainer(config, model, args, inputs, checkpoints, metrics, extra_callbacks)
+        tracking = start_tracking(config, ctx, metrics, store, restored.path if restored else None, inputs.model_dir)
+        training = build_trainer(config, model, args, inputs, checkpoints, metrics, extra_callbacks, tracking)
         train_started = time.time()
         output = training.trainer.train(resume_from_checkpoint=str(restored.path) if restored is not None else None)
         train_seconds = time.time() - train_started
@@ -448,6 +451,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         return RunOutcome(exit_codes.PREEMPTED, "preempted before training started; nothing to checkpoint")
     finally:
         preemption.uninstall()
+        if tracking is not None:
+            tracking.close()
         metrics.close()
         if store is not None:
             store.close()
@@ -513,6 +518,7 @@ class Training:
     checkpoints: CheckpointProtocol
     early_stopping: EarlyStoppingCallback | None
     history: HistoryCallback | None
+    tracking: MlflowTracker | None = None
 
 
 def build_trainer(
@@ -523,8 +529,9 @@ def build_trainer(
     checkpoints: CheckpointProtocol,
     metrics: TrainerMetrics,
     extra_callbacks: Sequence[TrainerCallback],
+    tracking: MlflowTracker | None = None,
 ) -> Training:
-    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history (rank 0), then
+    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history and tracking (rank 0), then
     ``extra_callbacks`` and early stopping."""
     metrics_callback = MetricsCallback(metrics, checkpoints.counter)
     callbacks: list[TrainerCallback] = [metrics_callback, CheckpointCallback(checkpoints)]
@@ -537,6 +544,9 @@ def build_trainer(
             preempt_deadline=lambda: checkpoints.preempt_deadline if checkpoints.preempted else None,
         )
         callbacks.append(history)
+    if tracking is not None:
+        # After the checkpoint's callback (its save decision) and the metrics' (the interval's tokens/s).
+        callbacks.append(TrackingCallback(tracking, lambda: metrics_callback.last_tokens_per_second))
     callbacks.extend(extra_callbacks)
     early_stopping = None
     if config.training.earlyStopping is not None:
@@ -553,7 +563,7 @@ def build_trainer(
         callbacks=callbacks,
         token_counter=checkpoints.counter,
     )
-    return Training(trainer, checkpoints, early_stopping, history)
+    return Training(trainer, checkpoints, early_stopping, history, tracking)
 
 
 def preempted_outcome(checkpoints: CheckpointProtocol) -> RunOutcome:
@@ -590,7 +600,7 @@ def export_and_report(
         # After the final evaluation, so the last eval loss is in it; before result.json, which marks the end.
         training.history.finish(time.monotonic() + BACKGROUND_UPLOAD_BUDGET_S)
     if ctx.rank == 0:
-        export.write_result(
+        result = export.write_result(
             config,
             store,
             trainer.state,
@@ -604,7 +614,10 @@ def export_and_report(
             world_size=ctx.world_size,
             precision=report.precision,
             data=inputs.data.stats.to_dict(),
+            tracking=training.tracking.run_info() if training.tracking is not None else None,
         )
+        if training.tracking is not None:
+            training.tracking.finish(result, export.model_uri(config).rstrip("/"))
     return RunOutcome(exit_codes.SUCCESS, f"trained {trainer.state.global_step} steps")
 
 
