@@ -1,0 +1,137 @@
+"""Tracking benchmark on CPU: steps/s with MLflow tracking against a live server, with the server stopped for 20 s
+mid-run, and without tracking, side by side in one run.
+
+    python -m bench.bench_tracking [--repeats N]   # a real MLflow server (SQLite, artifacts in SeaweedFS)
+
+Each case is the same 1-rank run of ``finetune_trainer.train.run`` (tiny GPT-2, ZeRO-2, fp32, metrics logged every
+``LOG_EVERY`` steps) timed in-process by ``bench_trainer.StepProbe`` (rank 0's time at every step end; the first
+``WARMUP_STEPS`` steps left out); rates are 1 / the median step time, so a burst of someone else's load on this
+shared machine does not decide a ratio. In the outage case the server is stopped once the run has logged its first
+loss and started again 20 s later (its restart takes a while more: the table says how long it was away), and the
+rate of the steps that ended while it was away is shown on its own. The last column counts the loss points the
+server holds afterwards against the logging steps: what was logged during the outage must arrive. Cases alternate
+(none, live, outage) and the median of ``--repeats`` rounds is reported. Goal: ratios >= 0.98.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.bench_trainer import WARMUP_STEPS, launch, prepare, print_table, write_config
+
+MAX_STEPS = 1000
+LOG_EVERY = 5
+OUTAGE_S = 20.0
+
+
+def median_rate(probe: dict[str, Any], inside: tuple[float, float] | None = None) -> tuple[float, int]:
+    """(steps/s from the median step time, steps counted); ``inside`` keeps the steps that ended in that window."""
+    times = {int(k): v for k, v in probe["times"].items()}
+    disturbed = {s + 1 for s in probe["evaluated"]} | {s + 1 for s in probe["saved"]}
+    durations = [
+        times[s] - times[s - 1]
+        for s in range(max(WARMUP_STEPS, 1) + 1, probe["end"] + 1)
+        if s - 1 in times and s in times and s not in disturbed
+        and (inside is None or inside[0] <= times[s] <= inside[1])
+    ]
+    return (1 / statistics.median(durations) if durations else float("nan")), len(durations)
+
+
+def run_case(root: Path, uris: dict[str, str], env: dict[str, str], case: str, server: Any, n: int) -> dict[str, Any]:
+    from localcluster.seaweedfs import free_ports
+
+    name = f"{case}-{n}"
+    experiment = f"bench-{uuid.uuid4().hex[:8]}"
+    tracking = {} if case == "none" else {"mlflow": {"trackingUri": server.url, "experiment": experiment}}
+    config = write_config(root, name, uris, free_ports(1)[0], training={"maxSteps": MAX_STEPS, "logEvery": LOG_EVERY},
+                          tracking=tracking)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(launch("ours", config, root / f"{name}.probe", env, 1)))
+    began = time.monotonic()
+    worker.start()
+    away: tuple[float, float] | None = None
+    if case == "outage":
+        while worker.is_alive() and not _first_loss(server, experiment):
+            time.sleep(0.2)
+        stopped = time.perf_counter()
+        server.stop()
+        time.sleep(OUTAGE_S)
+        server.start()
+        away = (stopped, time.perf_counter())
+    worker.join()
+    rate, steps = median_rate(outcome)
+    result = {"case": case, "rate": rate, "steps": steps, "wall": time.monotonic() - began}
+    if away is not None:
+        result["away_s"] = away[1] - away[0]
+        result["away_rate"], result["away_steps"] = median_rate(outcome, away)
+    if case != "none":
+        # The run's last updates are sent while the worker exits (drained for at most 30 s).
+        runs = server.runs(experiment)
+        result["points"] = len(server.metric_history(runs[0]["info"]["run_id"], "loss")) if runs else 0
+    return result
+
+
+def _first_loss(server: Any, experiment: str) -> bool:
+    runs = server.runs(experiment)
+    return bool(runs and server.metric_history(runs[0]["info"]["run_id"], "loss"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    # `python -m bench` passes its own arguments (benchmark names) through.
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    from localcluster.mlflow import MlflowServer
+    from localcluster.seaweedfs import SeaweedFS
+
+    repo = Path(__file__).resolve().parent.parent
+    # The ranks import this checkout's packages, whatever the virtualenv's editable install points at.
+    path = [str(repo / part) for part in ("trainer", "operator", "client")] + [str(repo)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(path)}
+    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
+        root = Path(tmp)
+        uris = prepare(root)
+        with SeaweedFS(root / "s3") as s3, MlflowServer(root / "mlflow", s3) as server:
+            print(f"tiny GPT-2, 1 rank, ZeRO-2, CPU, {MAX_STEPS} steps, loss logged every {LOG_EVERY}; MLflow "
+                  f"{server.url} (started in {server.start_seconds:.0f} s)", flush=True)
+            rounds: dict[str, list[dict[str, Any]]] = {"none": [], "live": [], "outage": []}
+            for n in range(args.repeats):
+                for case in rounds:
+                    rounds[case].append(run_case(root, uris, env, case, server, n))
+                    print(f"  round {n + 1} {case}: {json.dumps(rounds[case][-1], default=str)}", flush=True)
+            report(rounds)
+
+
+def report(rounds: dict[str, list[dict[str, Any]]]) -> None:
+    def pick(case: str) -> dict[str, Any]:
+        results = sorted(rounds[case], key=lambda r: r["rate"])
+        return results[(len(results) - 1) // 2]
+
+    base = pick("none")["rate"]
+    expected = MAX_STEPS // LOG_EVERY
+    rows = []
+    for case, label in (("none", "no tracking"), ("live", "tracking, live server"),
+                        ("outage", f"tracking, server stopped {OUTAGE_S:.0f} s mid-run")):
+        r = pick(case)
+        rows.append((label, f"{r['rate']:.2f}", f"{r['rate'] / base:.3f}", str(r["steps"]),
+                     f"{r['points']}/{expected}" if "points" in r else "-"))
+        if case == "outage":
+            rows.append((f"  of which the steps while it was away ({r['away_s']:.0f} s)", f"{r['away_rate']:.2f}",
+                         f"{r['away_rate'] / base:.3f}", str(r["away_steps"]), "-"))
+    print_table("Tracking: steps/s (median step time) against no tracking",
+                ("run", "steps/s", "ratio", "steps timed", "loss points in MLflow"), rows)
+
+
+if __name__ == "__main__":
+    main()
