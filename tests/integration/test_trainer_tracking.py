@@ -55,6 +55,8 @@ def test_a_run_holds_params_metrics_result_and_the_registered_model(
 ) -> None:
     model_name = f"tiny-{uuid.uuid4().hex[:8]}"
     config, experiment = tracked_config(setup, mlflow_server, register=model_name)
+    # Evaluation samples the job writes beside its outputs are logged too.
+    setup.s3.put_object(Bucket=setup.bucket, Key="run/samples.jsonl", Body=b'{"prompt": "hi", "answer": "hello"}\n')
 
     launched = setup.run_launcher(config)
 
@@ -72,7 +74,7 @@ def test_a_run_holds_params_metrics_result_and_the_registered_model(
     assert steps(mlflow_server.metric_history(run_id, "loss")) == list(range(2, 21, 2))
     assert len(mlflow_server.metric_history(run_id, "tokens_per_second")) == 10
     assert set(steps(mlflow_server.metric_history(run_id, "eval_loss"))) == {0, 10, 20}
-    assert "result.json" in mlflow_server.artifacts(run_id)
+    assert {"result.json", "samples.jsonl"} <= set(mlflow_server.artifacts(run_id))
     [version] = mlflow_server.model_versions(model_name)
     assert version["source"] == setup.uri("run/model") and version["run_id"] == run_id
     # The run is named in result.json and the termination message (the operator's status.tracking).

@@ -92,6 +92,25 @@ def test_metric_points_of_a_log_event(logs: dict[str, float], expected: dict[str
     assert all(p.step == 40 and p.timestamp_ms == 100500 for p in points)
 
 
+@pytest.mark.parametrize(
+    ("error_code", "permanent"),
+    [
+        pytest.param("INVALID_PARAMETER_VALUE", True, id="400-refused"),
+        pytest.param("RESOURCE_DOES_NOT_EXIST", True, id="404-not-found"),
+        pytest.param("REQUEST_LIMIT_EXCEEDED", False, id="429-throttled"),
+        pytest.param("INTERNAL_ERROR", False, id="500-server-error"),
+        pytest.param("TEMPORARILY_UNAVAILABLE", False, id="503-unavailable"),
+    ],
+)
+def test_only_refusals_are_permanent(error_code: str, permanent: bool) -> None:
+    from mlflow.exceptions import RestException
+
+    from finetune_trainer.tracking_mlflow import is_permanent
+
+    assert is_permanent(RestException({"error_code": error_code, "message": "m"})) is permanent
+    assert not is_permanent(ConnectionError("refused"))
+
+
 def test_run_url_is_the_ui_page() -> None:
     assert run_url("http://mlflow:5000/", "7", "abc") == "http://mlflow:5000/#/experiments/7/runs/abc"
 
