@@ -96,6 +96,7 @@ def trainer_exposition(run: tuple[str, str] | None, up: bool | None, queued: int
         pytest.param(("run-1", "7"), True, 0, ("run-1", "7", True, 0), id="logging"),
         pytest.param(("run-1", "7"), False, 42, ("run-1", "7", False, 42), id="server-down"),
         pytest.param(None, False, 3, (None, None, False, 3), id="down-before-the-run-exists"),
+        pytest.param(None, None, 1, (None, None, None, 1), id="no-call-ended-yet"),
     ],
 )
 def test_the_run_is_read_from_rank_0_metrics(

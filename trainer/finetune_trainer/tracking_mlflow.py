@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -60,10 +61,16 @@ CLIENT_ENV = {
 }
 
 
+class NoRunError(RuntimeError):
+    """The server refused to start the run, so there is nothing to log to."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """The server answered and refused (a 4xx other than timeouts and throttling): retrying cannot help."""
     from mlflow.exceptions import RestException
 
+    if isinstance(exc, NoRunError):
+        return True
     if isinstance(exc, RestException):
         status = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
         return 400 <= status < 500 and status not in (408, 429)
@@ -82,6 +89,8 @@ class TrackingGauges:
                         LABELS, registry=registry).labels(**labels)
         self.queued = Gauge("finetune_tracking_queued", "Tracking updates waiting to be sent.", LABELS,
                             registry=registry).labels(**labels)
+        # Unknown until the first call ends: the operator reads NaN as "no news", not as an unreachable server.
+        self.up.set(math.nan)
 
     def run(self, run_id: str, experiment_id: str) -> None:
         self._info.clear()
@@ -183,9 +192,18 @@ class MlflowTracker:
         self.gauges.run(run_id, experiment_id)
         log.info("tracking: MLflow run %s (%s) in experiment %s", run_id,
                  "new" if choice.run_id is None else choice.reason, self.settings.experiment)
+        # A call of its own: a param the server refuses (another value for a resumed run) loses nothing else.
+        self.queue.call("log the params", self._log_params)
+
+    def _log_params(self) -> None:
+        assert self.run_id is not None
         params = sorted(flatten_params(self.config).items())
         for start in range(0, len(params), MAX_BATCH_PARAMS):
-            self._log_batch(run_id, params=params[start:start + MAX_BATCH_PARAMS])
+            self._log_batch(self.run_id, params=params[start:start + MAX_BATCH_PARAMS])
+
+    def _terminate(self, status: str) -> None:
+        if self.run_id is not None:  # no run was ever started: nothing to end
+            self.client.set_terminated(self.run_id, status)
 
     def _log_batch(self, run_id: str, *, params: list[tuple[str, str]] | None = None,
                    tags: dict[str, str] | None = None) -> None:
@@ -197,7 +215,8 @@ class MlflowTracker:
     def _send_points(self, points: list[MetricPoint]) -> None:
         from mlflow.entities import Metric
 
-        assert self.run_id is not None, "points are queued after the run's start"
+        if self.run_id is None:  # its start was refused (the queue retries a start that failed otherwise)
+            raise NoRunError("no MLflow run")
         self.client.log_batch(self.run_id, metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step) for p in points],
                               synchronous=True)
 
@@ -257,13 +276,13 @@ class MlflowTracker:
         self.queue.call("log samples.jsonl", self._log_samples)
         if self.settings.registerModelAs:
             self.queue.call("register the model", lambda: self._register(model_uri))
-        self.queue.call("end the run", lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+        self.queue.call("end the run", lambda: self._terminate("FINISHED"))
 
     def close(self) -> None:
         """Drain the queue (bounded) and say what could not be sent. A run that did not finish (preempted, failed)
         is marked KILLED; the next attempt sets it RUNNING again."""
         if not self.finished:
-            self.queue.call("mark the run KILLED", lambda: self.client.set_terminated(self.run_id, "KILLED"))
+            self.queue.call("mark the run KILLED", lambda: self._terminate("KILLED"))
         report = self.queue.close(DRAIN_TIMEOUT_S)
         if report.complete:
             log.info("tracking: everything sent to %s", self.settings.trackingUri)
