@@ -184,3 +184,22 @@ def test_pull_merges_an_adapter_into_its_base_unless_told_not_to(tmp_path: Path)
     AutoModelForCausalLM.from_pretrained(merged)
     assert (tmp_path / "kept" / "adapter_config.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ftj-pull-")]
+
+
+@pytest.mark.parametrize(
+    ("tracking", "line"),
+    [
+        pytest.param({"runId": "r1", "url": "http://mlflow/#/experiments/1/runs/r1", "reachable": True},
+                     "tracking   http://mlflow/#/experiments/1/runs/r1", id="reachable"),
+        pytest.param({"runId": "r1", "url": "http://mlflow/#/experiments/1/runs/r1", "reachable": False},
+                     "tracking   http://mlflow/#/experiments/1/runs/r1  (tracking server not answering)",
+                     id="unreachable"),
+        pytest.param(None, None, id="no-tracking"),
+    ],
+)
+def test_status_names_the_tracking_run(tracking: dict[str, Any] | None, line: str | None) -> None:
+    from finetune_client.job_view import Job
+
+    status: dict[str, Any] = {"phase": "Running", **({"tracking": tracking} if tracking else {})}
+    lines = cli.status_text(Job({"metadata": {"name": "bot"}, "status": status}), []).splitlines()
+    assert [item for item in lines if item.startswith("tracking")] == ([line] if line else [])
