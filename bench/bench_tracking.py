@@ -6,7 +6,7 @@ mid-run, and without tracking, side by side in one run.
 Each case is the same 1-rank run of ``finetune_trainer.train.run`` (tiny GPT-2, ZeRO-2, fp32, metrics logged every
 ``LOG_EVERY`` steps) timed in-process by ``bench_trainer.StepProbe`` (rank 0's time at every step end; the first
 ``WARMUP_STEPS`` steps left out); rates are 1 / the median step time, so a burst of someone else's load on this
-shared machine does not decide a ratio. In the outage case the server is stopped once the run has logged its first
+shared machine does not decide a ratio. In the outage case the server is stopped 5 s after the run logged its first
 loss and started again 20 s later (its restart takes a while more: the table says how long it was away), and the
 rate of the steps that ended while it was away is shown on its own. The last column counts the loss points the
 server holds afterwards against the logging steps: what was logged during the outage must arrive. Cases alternate
@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.bench_trainer import WARMUP_STEPS, launch, prepare, print_table, write_config
 
-MAX_STEPS = 1000
+MAX_STEPS = 3000
 LOG_EVERY = 5
 OUTAGE_S = 20.0
 
@@ -63,6 +63,7 @@ def run_case(root: Path, uris: dict[str, str], env: dict[str, str], case: str, s
     if case == "outage":
         while worker.is_alive() and not _first_loss(server, experiment):
             time.sleep(0.2)
+        time.sleep(5)
         stopped = time.perf_counter()
         server.stop()
         time.sleep(OUTAGE_S)

@@ -219,6 +219,22 @@ def test_calls_and_points_go_in_order_with_consecutive_points_batched() -> None:
     assert queue.report().complete
 
 
+def test_points_wait_for_company_but_not_behind_a_call_or_at_the_close() -> None:
+    server, clock = FlakyServer(), FakeClock()
+    queue, _ = make_queue(server, clock, flush_interval=1.0)
+    queue.points(points(1))
+    assert queue.pump() == math.inf and server.batches == [[1]]
+    queue.points(points(2))
+    queue.points(points(3))
+    assert queue.pump() == pytest.approx(1.0) and server.batches == [[1]]  # a second has not passed
+    clock.now += 1.0
+    queue.pump()
+    queue.points(points(4))
+    queue.call("end", server.call("end"))
+    queue.pump()  # the call behind the point sends it at once
+    assert server.batches == [[1], [2, 3], [4]]
+
+
 def test_failures_back_off_exponentially_and_nothing_is_lost() -> None:
     server, clock = FlakyServer(), FakeClock()
     queue, states = make_queue(server, clock, initial_backoff=0.5, max_backoff=4.0)

@@ -225,7 +225,8 @@ class SendReport:
 
 
 class SendQueue:
-    """Calls and metric points sent in order; consecutive points go in batches. ``pump`` makes at most one attempt
+    """Calls and metric points sent in order; consecutive points go in batches, at most one partial batch every
+    ``flush_interval`` seconds. ``pump`` makes at most one attempt
     and says when the next is due, so tests drive it with a fake clock; ``start`` runs it on a daemon thread.
 
     A failed attempt is retried after ``initial_backoff`` seconds, doubling up to ``max_backoff``; an error that
@@ -244,6 +245,7 @@ class SendQueue:
         max_backoff: float = 30.0,
         max_points: int = 200_000,
         batch_size: int = MAX_BATCH_METRICS,
+        flush_interval: float = 1.0,
     ) -> None:
         self._send_points = send_points
         self._is_permanent = is_permanent
@@ -253,6 +255,9 @@ class SendQueue:
         self.max_backoff = max_backoff
         self.max_points = max_points
         self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._next_points_at = 0.0
+        self._flushing = False
         self._items: deque[_Call | MetricPoint] = deque()
         self._points = 0
         self.dropped_points = 0
@@ -305,6 +310,11 @@ class SendQueue:
                     if not isinstance(item, MetricPoint) or len(batch) == self.batch_size:
                         break
                     batch.append(item)
+            # Points wait up to flush_interval for company (a call behind them, a full batch or the close do not):
+            # one request a second instead of one per log event keeps the sending off the training's CPU.
+            partial = len(batch) == len(self._items) and len(batch) < self.batch_size
+        if batch and partial and not self._flushing and now < self._next_points_at:
+            return self._next_points_at - now
         try:
             if batch:
                 self._send_points(batch)
@@ -316,6 +326,8 @@ class SendQueue:
                 return self._retry_later(head, batch, exc)
             log.warning("tracking: %s refused for good, dropped: %s", self._name(head, batch), exc)
         self._remove(head, batch)
+        if batch:
+            self._next_points_at = now + self.flush_interval
         self.failures = 0
         self._retry_at = 0.0
         self._on_state(True, self.queued)
@@ -368,6 +380,7 @@ class SendQueue:
         """Send what is queued for at most ``timeout`` seconds (retrying at least every ``retry_every``), stop the
         thread and return what was left; the run's end must not wait on a tracking server for longer."""
         deadline = self._clock() + timeout
+        self._flushing = True
         self.max_backoff = min(self.max_backoff, retry_every)
         self._retry_at = min(self._retry_at, self._clock() + retry_every)
         self._wake.set()
