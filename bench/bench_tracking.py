@@ -57,6 +57,7 @@ def run_case(root: Path, uris: dict[str, str], env: dict[str, str], case: str, s
     config = write_config(root, name, uris, free_ports(1)[0], training={"maxSteps": MAX_STEPS, "logEvery": LOG_EVERY},
                           tracking=tracking)
     outcome: dict[str, Any] = {}
+    server_cpu = _server_cpu(server)
     worker = threading.Thread(target=lambda: outcome.update(launch("ours", config, root / f"{name}.probe", env, 1)))
     began = time.monotonic()
     worker.start()
@@ -80,11 +81,20 @@ def run_case(root: Path, uris: dict[str, str], env: dict[str, str], case: str, s
         result["stopped_rate"], result["stopped_steps"] = median_rate(outcome, (away[0], away[1]))
         result["restart_s"] = away[2] - away[1]
         result["restart_rate"], result["restart_steps"] = median_rate(outcome, (away[1], away[2]))
+    # The server runs on these cores too (in a cluster it has its own): its CPU time is what it took from training.
+    result["server_cpu_s"] = _server_cpu(server) - server_cpu if case == "live" else float("nan")
     if case != "none":
         # The run's last updates are sent while the worker exits (drained for at most 30 s).
         runs = server.runs(experiment)
         result["points"] = len(server.metric_history(runs[0]["info"]["run_id"], "loss")) if runs else 0
     return result
+
+
+def _server_cpu(server: Any) -> float:
+    from bench.bench_trainer import process_tree_cpu_seconds
+
+    process = getattr(server, "_process", None)
+    return process_tree_cpu_seconds(process.pid) if process is not None else float("nan")
 
 
 def _first_loss(server: Any, experiment: str) -> bool:
@@ -136,15 +146,16 @@ def report(rounds: dict[str, list[dict[str, Any]]]) -> None:
         r, base = median_round(case)
         spread = f"{min(ratios[case]):.3f}-{max(ratios[case]):.3f}"
         rows.append((label, f"{r['rate']:.2f}", f"{r['rate'] / base:.3f}", spread, str(r["steps"]),
-                     f"{r['points']}/{expected}" if "points" in r else "-"))
+                     f"{r['points']}/{expected}" if "points" in r else "-",
+                     f"{r['server_cpu_s']:.1f}" if case == "live" else "-"))
         if case == "outage":
             rows.append((f"  steps while it was stopped ({OUTAGE_S:.0f} s)", f"{r['stopped_rate']:.2f}",
-                         f"{r['stopped_rate'] / base:.3f}", "", str(r["stopped_steps"]), "-"))
+                         f"{r['stopped_rate'] / base:.3f}", "", str(r["stopped_steps"]), "-", "-"))
             rows.append((f"  steps while it restarted ({r['restart_s']:.0f} s, on these cores)",
                          f"{r['restart_rate']:.2f}", f"{r['restart_rate'] / base:.3f}", "", str(r["restart_steps"]),
-                         "-"))
+                         "-", "-"))
     print_table("Tracking: steps/s (median step time) against no tracking in the same round",
-                ("run", "steps/s", "ratio", "rounds", "steps timed", "loss points in MLflow"), rows)
+                ("run", "steps/s", "ratio", "rounds", "steps timed", "loss points in MLflow", "server CPU s"), rows)
 
 
 if __name__ == "__main__":
