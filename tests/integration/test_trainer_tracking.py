@@ -116,10 +116,10 @@ def naming_the_run(setup: TrainerSetup) -> list[int]:
 
 
 def test_training_rides_out_a_tracking_server_outage(setup: TrainerSetup, mlflow_server: MlflowServer) -> None:
-    # About 20 steps/s here: training outlasts the 20 s outage and the server's restart.
+    # 20-45 steps/s here: training outlasts the 20 s outage and the server's restart (20-60 s on 2 busy cores).
     config, experiment = tracked_config(setup, mlflow_server,
-                                        training={"maxSteps": 1600, "logEvery": 10, "evalEvery": 800},
-                                        checkpoint={"everySteps": 800})
+                                        training={"maxSteps": 5000, "logEvery": 25, "evalEvery": 2500},
+                                        checkpoint={"everySteps": 2500})
     port = json.loads(config.read_text())["metrics"]["port"]
     launched = setup.start_launcher(config, setup.env())
     run = wait_until(lambda: mlflow_server.runs(experiment), 120, "the MLflow run")[0]
@@ -143,5 +143,5 @@ def test_training_rides_out_a_tracking_server_outage(setup: TrainerSetup, mlflow
     assert launched.wait() == exit_codes.SUCCESS, launched.log()[-4000:]
     [run] = mlflow_server.runs(experiment)
     assert run["info"]["status"] == "FINISHED"
-    assert steps(mlflow_server.metric_history(run_id, "loss")) == list(range(10, 1601, 10))
+    assert steps(mlflow_server.metric_history(run_id, "loss")) == list(range(25, 5001, 25))
     assert "result.json" in mlflow_server.artifacts(run_id)

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # Bounded waits: one HTTP request, and the end of the run for what is still queued.
 REQUEST_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
+# At the end, how long result.json waits for a run still being started.
+RUN_START_WAIT_S = 15.0
 SAMPLES_NAME = "samples.jsonl"
 RESULT_NAME = "result.json"
 # The client's own retries would hold the send thread for minutes; the queue retries instead. No telemetry.
@@ -262,8 +264,14 @@ class MlflowTracker:
             stored = StoredRun(self.run_id, self.experiment_id, self.settings.trackingUri)
             (checkpoint_dir / RUN_FILE).write_text(stored.to_json())
 
-    def run_info(self) -> dict[str, str] | None:
-        """{runId, experimentId} once the run is known (result.json and the operator's final status carry it)."""
+    def run_info(self, wait: float = 0.0) -> dict[str, str] | None:
+        """{runId, experimentId} once the run is known (result.json and the operator's final status carry it).
+
+        ``wait``: seconds to give a run still being started (a short job can end before MLflow's client has even
+        loaded); a server that failed a call is not waited for."""
+        deadline = time.monotonic() + wait
+        while self.run_id is None and self.queue.failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.run_id is None or self.experiment_id is None:
             return None
         return {"runId": self.run_id, "experimentId": self.experiment_id}

@@ -80,7 +80,7 @@ from finetune_trainer.history import HistoryCallback
 from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetrics
 from finetune_trainer.resume import restore_checkpoint
 from finetune_trainer.storage import ObjectStore, open_store, pull_model
-from finetune_trainer.tracking_mlflow import MlflowTracker, TrackingCallback, start_tracking
+from finetune_trainer.tracking_mlflow import RUN_START_WAIT_S, MlflowTracker, TrackingCallback, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ def export_and_report(
             world_size=ctx.world_size,
             precision=report.precision,
             data=inputs.data.stats.to_dict(),
-            tracking=training.tracking.run_info() if training.tracking is not None else None,
+            tracking=training.tracking.run_info(wait=RUN_START_WAIT_S) if training.tracking is not None else None,
         )
         if training.tracking is not None:
             training.tracking.finish(result, export.model_uri(config).rstrip("/"))
