@@ -11,6 +11,7 @@ BENCHMARKS = [
     "bench.bench_data",
     "bench.bench_operator",
     "bench.bench_operator_scale",
+    "bench.bench_tracking",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The whole local cluster in one object: the real control plane, a kubelet, SeaweedFS, Prometheus, the operator.
+"""The whole local cluster in one object: the real control plane, a kubelet, SeaweedFS, Prometheus, MLflow, operator.
 
     with LocalCluster(work_dir) as cluster:
         cluster.kubectl("apply", "-f", "examples/tiny-cpu.yaml")
@@ -11,7 +11,8 @@ How it is put together, as a platform team would install the product on a real c
   ServiceAccount, RBAC); its Deployment is scaled to zero because this machine has no container runtime: the
   operator runs as a subprocess of this one with a token of the chart's ServiceAccount (``operator.kubeconfig``),
   so it has exactly the chart's permissions, never admin's;
-- the jobs' namespace (``default``) enforces the ``restricted`` Pod Security Standard.
+- the jobs' namespace (``default``) enforces the ``restricted`` Pod Security Standard;
+- with ``with_mlflow``, a real MLflow tracking server (``mlflow.py``) for jobs with ``spec.tracking.mlflow``.
 
 What the local cluster translates so that the operator and the trainer run unchanged:
 - The node's environment gives every pod ``AWS_ENDPOINT_URL_S3`` and ``AWS_REGION`` pointing at SeaweedFS, the
@@ -40,6 +41,7 @@ from typing import Any
 from localcluster.chart import OPERATOR_USER, install_chart
 from localcluster.controlplane import ControlPlane
 from localcluster.kubelet import Kubelet
+from localcluster.mlflow import MlflowServer
 from localcluster.operator_process import OperatorError, OperatorProcess
 from localcluster.prometheus import Prometheus, Pushgateway, prometheus_available, pushgateway_available
 from localcluster.seaweedfs import SeaweedFS
@@ -79,6 +81,7 @@ class LocalCluster:
         memory: str | None = None,
         with_prometheus: bool = True,
         with_operator: bool = True,
+        with_mlflow: bool = False,
         operator_args: Iterable[str] = (),
         quiet: bool = True,
     ) -> None:
@@ -96,6 +99,8 @@ class LocalCluster:
         self.kubelet: Kubelet | None = None
         self.prometheus: Prometheus | None = None
         self.pushgateway: Pushgateway | None = None
+        # A tracking server for jobs with spec.tracking.mlflow (pods reach its 127.0.0.1 URL).
+        self.mlflow = MlflowServer(self.work_dir / "mlflow", self.s3) if with_mlflow else None
         self.operator_log = self.work_dir / "operator.log"
         self.operator = OperatorProcess(
             self.operator_kubeconfig,
@@ -114,6 +119,8 @@ class LocalCluster:
         try:
             self.s3.start()
             self._stack.callback(self.s3.stop)
+            if self.mlflow is not None:
+                self._stack.enter_context(self.mlflow)
             plane = self.control_plane = self._stack.enter_context(
                 ControlPlane(self.work_dir / "control-plane", node_names=(NODE_NAME,))
             )

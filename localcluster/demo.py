@@ -3,8 +3,9 @@
 Steps: start the local cluster (API server, kubelet, SeaweedFS, Prometheus when installed, the real operator);
 build a tiny GPT-2 base model (tokenizer trained locally, a short pre-training on generic text; cached in
 ``.cache/demo`` so a second run skips it) and upload it and ``examples/data/customer-support.jsonl`` to S3;
-``kubectl apply -f examples/tiny-cpu.yaml``; follow the job's status until it succeeds; print where the model and
-checkpoints are, the eval loss before and after, and an answer from the fine-tuned model; stop everything.
+apply ``examples/tiny-cpu.yaml`` with ``spec.tracking.mlflow`` pointing at the local MLflow server; follow the job's
+status until it succeeds; print where the model and checkpoints are, the eval loss before and after, the MLflow
+run's URL and an answer from the fine-tuned model; stop everything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ DATASET = REPO / "examples" / "data" / "customer-support.jsonl"
 CACHE = REPO / ".cache" / "demo"
 BASE_MODEL_CACHE = CACHE / "tiny-gpt2"
 QUESTION = "Hello, I want to return my headphones. - Sam"
+EXPERIMENT = "finetune-demo"
+REGISTERED_MODEL = "tiny-cpu-support"
 
 
 def say(message: str) -> None:
@@ -66,6 +69,17 @@ def upload_inputs(cluster: LocalCluster, base_model: Path) -> None:
     client.upload_file(str(DATASET), "datasets", "customer-support/customer-support.jsonl")
     rows = sum(1 for _ in DATASET.open())
     say(f"uploaded the base model to s3://models/tiny-gpt2/ and {rows} conversations to s3://datasets/")
+
+
+def tracked_example(cluster: LocalCluster) -> dict[str, Any]:
+    """The example job with spec.tracking.mlflow naming the local tracking server."""
+    import yaml
+
+    job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    if cluster.mlflow is not None:
+        job["spec"]["tracking"] = {"mlflow": {"trackingUri": cluster.mlflow.url, "experiment": EXPERIMENT,
+                                              "registerModelAs": REGISTERED_MODEL}}
+    return job
 
 
 def bar(status: dict[str, Any], width: int = 30) -> str:
@@ -144,16 +158,17 @@ def run(keep: bool = False) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="finetune-demo-"))
     say(f"starting the local cluster in {work_dir}")
     try:
-        with LocalCluster(work_dir) as cluster:
+        with LocalCluster(work_dir, with_mlflow=True) as cluster:
             say(
                 f"Kubernetes {cluster.control_plane.version if cluster.control_plane else '?'} at {cluster.url}, "
                 f"S3 {cluster.s3.endpoint_url}, "
                 f"kubeconfig {cluster.kubeconfig}"
                 + (f", Prometheus {cluster.prometheus.url}" if cluster.prometheus else "")
+                + (f", MLflow {cluster.mlflow.url}" if cluster.mlflow else "")
             )
             upload_inputs(cluster, base_model)
-            say(f"kubectl apply -f {EXAMPLE.relative_to(REPO)}")
-            print(cluster.kubectl("apply", "-f", str(EXAMPLE)).strip(), flush=True)
+            say(f"kubectl apply -f {EXAMPLE.relative_to(REPO)}, tracked in the MLflow experiment {EXPERIMENT}")
+            print(cluster.kubectl("apply", "-f", "-", input=json.dumps(tracked_example(cluster))).strip(), flush=True)
             job = follow(cluster, "tiny-cpu")
             print(cluster.kubectl("get", "ftj").rstrip(), flush=True)
             status = job["status"]
@@ -191,6 +206,9 @@ def report(cluster: LocalCluster, status: dict[str, Any], started: float) -> int
         )
     else:
         say(f"result.json: {json.dumps(result)}")
+    tracking = status.get("tracking") or {}
+    if tracking.get("url"):
+        say(f"MLflow run:  {tracking['url']}  (params, loss curve, result.json; model {REGISTERED_MODEL} registered)")
     model_dir = Path(tempfile.mkdtemp(prefix="finetune-demo-model-"))
     try:
         for key in keys:

@@ -1,5 +1,5 @@
-"""Pytest fixtures for the local servers (SeaweedFS S3, the operator, the whole local cluster) and the one way tests
-wait for something to happen; registered by tests/conftest.py."""
+"""Pytest fixtures for the local servers (SeaweedFS S3, MLflow, the operator, the whole local cluster) and the one
+way tests wait for something to happen; registered by tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TypeVar
 import pytest
 
 from localcluster.cluster import LocalCluster
+from localcluster.mlflow import MlflowServer
 from localcluster.operator_process import OperatorProcess
 from localcluster.seaweedfs import SeaweedFS
 
@@ -47,6 +48,16 @@ def s3_bucket(seaweedfs: SeaweedFS) -> str:
     if not seaweedfs.running:
         seaweedfs.start()
     return seaweedfs.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real MLflow tracking server for the session (SQLite, artifacts in the session's SeaweedFS); tests use
+    experiments of their own, and tests that stop it start it again (it keeps its port)."""
+    if not seaweedfs.running:
+        seaweedfs.start()
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), seaweedfs) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,10 @@ def status_text(job: Job, events: list[dict[str, Any]]) -> str:
         if status.get(key):
             lines.append(f"{key:<10} step {status[key].get('step')}  {status[key].get('uri')}")
     lines.append(f"model      {job.model_uri}")
+    tracking = status.get("tracking") or {}
+    if tracking.get("url"):
+        reachable = "" if tracking.get("reachable", True) else "  (tracking server not answering)"
+        lines.append(f"tracking   {tracking['url']}{reachable}")
     if job.message:
         lines.append(f"message    {job.message}")
     lines += [f"event      {e['time']}  {e['type']} {e['reason']}: {e['message']}" for e in events[-10:]]
@@ -93,7 +97,8 @@ def command_status(client: Client, args: argparse.Namespace) -> int:
     job = client.get(args.name)
     events = client.events(args.name)
     data = {**job.summary(), "conditions": job.conditions, "latestCheckpoint": job.status.get("latestCheckpoint"),
-            "bestCheckpoint": job.status.get("bestCheckpoint"), "model": job.model_uri, "events": events}
+            "bestCheckpoint": job.status.get("bestCheckpoint"), "model": job.model_uri,
+            "tracking": job.status.get("tracking"), "events": events}
     emit(args, data, lambda: status_text(job, events))
     return 0
 

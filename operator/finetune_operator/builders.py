@@ -82,8 +82,21 @@ def build_worker_env(job: FineTuneJob, rank: int) -> list[dict[str, Any]]:
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
             for key in (c.ENV_AWS_ACCESS_KEY_ID, c.ENV_AWS_SECRET_ACCESS_KEY)
         ]
+    env += build_tracking_env(job)
     env += [dict(item) for item in spec.env]
     return env
+
+
+def build_tracking_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """The tracking server's credentials from spec.tracking.mlflow.credentialsSecret, each key optional (basic auth
+    or a token); the Secret's values never pass through the operator."""
+    mlflow = job.spec.tracking.mlflow
+    if mlflow is None or not mlflow.credentials_secret:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": key, "optional": True}}}
+        for key in c.ENV_MLFLOW_CREDENTIALS
+    ]
 
 
 def build_worker_pod(

@@ -65,6 +65,8 @@ ENV_CONFIG: Final = "FINETUNE_CONFIG"
 ENV_ATTEMPT: Final = "FINETUNE_ATTEMPT"
 ENV_AWS_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"
+# The keys of spec.tracking.mlflow.credentialsSecret, each optional: basic auth (username and password) or a token.
+ENV_MLFLOW_CREDENTIALS: Final = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 # User env with these names is rejected: the CRD's CEL rule lists the same (a unit test compares them).
 RESERVED_ENV_NAMES: Final = (
@@ -111,6 +113,11 @@ METRIC_BEST_CHECKPOINT_STEP: Final = "finetune_best_checkpoint_step"
 METRIC_DATA_PREPARATION: Final = "finetune_data_preparation_progress"
 METRIC_DATA_ROWS: Final = "finetune_data_prepared_rows"
 METRIC_DATA_ETA: Final = "finetune_data_preparation_eta_seconds"
+# spec.tracking: an info-style series (labels run_id, experiment_id; value 1), whether the latest call to the tracking
+# server succeeded (1/0) and how many updates wait for it.
+METRIC_TRACKING_RUN_INFO: Final = "finetune_tracking_run_info"
+METRIC_TRACKING_UP: Final = "finetune_tracking_up"
+METRIC_TRACKING_QUEUED: Final = "finetune_tracking_queued"
 CHECKPOINT_DIR_FORMAT: Final = "checkpoints/step-{step:08d}/"
 MODEL_DIR: Final = "model/"
 
@@ -182,6 +189,9 @@ REASON_EVICTED: Final = "Evicted"
 REASON_PRIORITY_CLASS_NOT_FOUND: Final = "WorkloadPriorityClassNotFound"
 REASON_WORKLOAD_API_UNAVAILABLE: Final = "WorkloadAPIUnavailable"
 REASON_FINISHED: Final = "Finished"
+# spec.tracking: the tracking server stopped answering rank 0 (training goes on), and answered again.
+REASON_TRACKING_UNAVAILABLE: Final = "TrackingUnavailable"
+REASON_TRACKING_AVAILABLE: Final = "TrackingAvailable"
 
 # Scheduler and cluster-autoscaler event reasons that mean "no room for the pod yet".
 CAPACITY_EVENT_REASONS: Final = frozenset({"FailedScheduling", "TriggeredScaleUp", "NotTriggerScaleUp"})

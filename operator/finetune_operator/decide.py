@@ -47,6 +47,7 @@ from finetune_operator.queue_policy import (
 from finetune_operator.spec import parse_meta
 from finetune_operator.success_policy import finish_on_success
 from finetune_operator.suspend_policy import suspend
+from finetune_operator.tracking_status import record_tracking
 from finetune_operator.ttl_after_finished import keep_finished
 from finetune_operator.workload import QueueObservation
 
@@ -122,6 +123,7 @@ def _record_progress(observed: ObservedJob, draft: DecisionDraft) -> None:
     if observed.sample is not None and draft.status.phase == c.PHASE_RUNNING:
         draft.status.record_data_preparation(observed.sample, _running_message(observed.job.attempt))
         draft.status.record_progress(observed.sample, observed.spec.output.uri, observed.spec.distributed.world_size)
+        record_tracking(draft.status, observed.sample, observed.spec)
 
 
 # The policies after the spec is accepted, in order; the first that completes the decision ends it.

@@ -36,6 +36,11 @@ class ProgressSample:
     data_progress: float | None = None
     data_rows: int | None = None
     data_eta_seconds: float | None = None
+    # spec.tracking: the run rank 0 logs to, whether its latest call to the server succeeded, updates waiting.
+    tracking_run_id: str | None = None
+    tracking_experiment_id: str | None = None
+    tracking_up: bool | None = None
+    tracking_queued: int | None = None
     observed_at: float = 0.0
 
     @property
@@ -60,11 +65,14 @@ def _finite(value: float | None) -> float | None:
 def parse_metrics(text: str, *, rank: str = "0", observed_at: float = 0.0) -> ProgressSample:
     """The sample of one rank (label ``rank``; series without the label count too) from the text format."""
     values: dict[str, float] = {}
+    run_labels: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("rank", rank) != rank:
                 continue
             values.setdefault(sample.name, sample.value)
+            if sample.name == c.METRIC_TRACKING_RUN_INFO and sample.value == 1 and not run_labels:
+                run_labels = dict(sample.labels)
 
     def number(name: str) -> float | None:
         return _finite(values.get(name))
@@ -90,6 +98,10 @@ def parse_metrics(text: str, *, rank: str = "0", observed_at: float = 0.0) -> Pr
         data_progress=number(c.METRIC_DATA_PREPARATION),
         data_rows=count(c.METRIC_DATA_ROWS),
         data_eta_seconds=number(c.METRIC_DATA_ETA),
+        tracking_run_id=run_labels.get("run_id") or None,
+        tracking_experiment_id=run_labels.get("experiment_id") or None,
+        tracking_up=None if number(c.METRIC_TRACKING_UP) is None else number(c.METRIC_TRACKING_UP) == 1,
+        tracking_queued=count(c.METRIC_TRACKING_QUEUED),
         observed_at=observed_at,
     )
 
@@ -174,6 +186,8 @@ def sample_from_result(message: str | None) -> ProgressSample | None:
         return _finite(float(value)) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     steps = int(result["steps"])
+    found = result.get("tracking")
+    tracking: dict[str, object] = found if isinstance(found, dict) else {}
     return ProgressSample(
         step=steps,
         total_steps=int(result["maxSteps"]) if isinstance(result.get("maxSteps"), int) else steps,
@@ -181,7 +195,13 @@ def sample_from_result(message: str | None) -> ProgressSample | None:
         train_loss=number("trainLoss"),
         eval_loss=number("evalLossAfter"),
         best_eval_loss=number("bestEvalLoss"),
+        tracking_run_id=_text(tracking.get("runId")),
+        tracking_experiment_id=_text(tracking.get("experimentId")),
     )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def format_eta(seconds: int) -> str:

@@ -24,10 +24,12 @@ TRAINER_SECTIONS: Final = {
     "metrics": "metrics",
     "storage": "storage",
     "evaluation": "evaluation",
+    "tracking": "tracking",
 }
 # Spec fields inside those sections that the trainer never takes, and why.
 NOT_RENDERED: Final = {
     "storage.credentialsSecret": "pods read the keys through secretKeyRef; the trainer needs no Secret's name",
+    "tracking.mlflow.credentialsSecret": "pods read the keys through secretKeyRef; the trainer needs no Secret's name",
 }
 
 
@@ -59,4 +61,7 @@ def render_trainer_config(job: FineTuneJob) -> dict[str, Any]:
     config["output"]["export"] = job.spec.export
     config["local"] = {"cacheDir": c.CACHE_DIR, "workDir": c.WORK_DIR}
     config["job"] = {"name": job.name, "namespace": job.namespace, "attempt": job.attempt}
+    if job.spec.tracking.mlflow is not None:
+        # The tracking run is found again by the job's uid when no checkpoint names it yet.
+        config["job"]["uid"] = job.meta.uid
     return config

@@ -52,6 +52,8 @@ __all__ = [
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# MLflow refuses '/', ':' and '%' in registered model names (they would break its model URIs).
+_REGISTERED_MODEL = re.compile(r"^[^/:%]+$")
 
 
 # ---- the typed spec: each scalar's one default and its CRD rule -----------------------------------------
@@ -195,6 +197,20 @@ class StorageSpec:
 
 
 @dataclass(frozen=True)
+class MlflowSpec:
+    tracking_uri: str = spec_field(pattern=HTTP_URL, max_length=2048)
+    experiment: str = spec_field(min_length=1, max_length=500)
+    run_name: str | None = spec_field(None, min_length=1, max_length=250)
+    register_model_as: str | None = spec_field(None, pattern=_REGISTERED_MODEL, min_length=1, max_length=256)
+    credentials_secret: str | None = spec_field(None, max_length=253)
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    mlflow: MlflowSpec | None = None
+
+
+@dataclass(frozen=True)
 class RestartBackoffSpec:
     initial_seconds: int = spec_field(10, minimum=0, maximum=3600)
     max_seconds: int = spec_field(300, minimum=0, maximum=86400)
@@ -253,6 +269,7 @@ class JobSpec:
     service_account_name: str | None = spec_field(None, max_length=253)
     env: tuple[Mapping[str, Any], ...] = ()
     storage: StorageSpec = field(default_factory=StorageSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
     suspend: bool = spec_field(False)
     # Kueue: the LocalQueue the job waits in for admission of its whole gang, and the priority it waits with.
     queue_name: str | None = spec_field(None, pattern=DNS_LABEL, max_length=63)
@@ -436,6 +453,11 @@ def _parse_pull_secrets(r: Reader) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _parse_tracking(r: Reader) -> TrackingSpec:
+    mlflow = r.optional_obj("mlflow")
+    return TrackingSpec(mlflow=None if mlflow is None else read_fields(MlflowSpec, mlflow))
+
+
 def parse_spec(data: Any) -> JobSpec:
     """The typed spec with the CRD's defaults applied, or InvalidSpecError naming the first bad field."""
     r = Reader(data, "spec")
@@ -461,6 +483,7 @@ def parse_spec(data: Any) -> JobSpec:
         image_pull_secrets=_parse_pull_secrets(r),
         env=_parse_env(r),
         storage=read_fields(StorageSpec, r.obj("storage")),
+        tracking=_parse_tracking(r.obj("tracking")),
         retryable_exit_codes=_parse_exit_codes(r),
         restart_backoff=read_fields(RestartBackoffSpec, r.obj("restartBackoff")),
         gang=None if gang is None else read_fields(GangSpec, gang),

@@ -25,6 +25,7 @@ CHECKS: Final = (
     "spec.metrics.port..port+procsPerNode-1 (one endpoint per local rank) does not include distributed.masterPort",
     "spec.retryableExitCodes does not contain 64, the trainer's permanent-error code",
     "spec.env: no reserved name, no duplicate name, not both value and valueFrom",
+    "spec.env: no MLFLOW_TRACKING_* credential name when spec.tracking.mlflow.credentialsSecret provides them",
     "spec.tolerations[i]: operator Exists takes no value",
     "the CEL rules again (epochs xor maxSteps, lora only with method lora, export vs method, offload vs zeroStage,"
     " earlyStopping needs evalEvery, evalSplit xor evalUri, procsPerNode <= gpus, backoff initial <= max,"
@@ -55,6 +56,7 @@ def check_spec(spec: JobSpec) -> None:
     check_sizes(spec)
     check_uris(spec)
     check_ports_and_codes(spec)
+    check_tracking(spec)
 
 
 def check_cel_rules(spec: JobSpec) -> None:
@@ -171,6 +173,19 @@ def check_ports_and_codes(spec: JobSpec) -> None:
             "spec.retryableExitCodes",
             f"{c.EXIT_INVALID} is the trainer's permanent-error exit code (bad config or data); retrying cannot help",
         )
+
+
+def check_tracking(spec: JobSpec) -> None:
+    """The credentials Secret's keys become pod env: the user's env may not set them a second time."""
+    mlflow = spec.tracking.mlflow
+    if mlflow is None or mlflow.credentials_secret is None:
+        return
+    for i, item in enumerate(spec.env):
+        if item.get("name") in c.ENV_MLFLOW_CREDENTIALS:
+            raise InvalidSpecError(
+                f"spec.env[{i}].name",
+                f"env {item['name']} comes from tracking.mlflow.credentialsSecret {mlflow.credentials_secret}",
+            )
 
 
 def check_name(name: str, nodes: int) -> None:

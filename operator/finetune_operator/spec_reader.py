@@ -76,6 +76,7 @@ class FieldRule:
     enum: tuple[str, ...] | None = None
     max_length: int | None = None
     pattern: re.Pattern[str] | None = None
+    min_length: int | None = None
 
 
 def spec_field(default: Any = dataclasses.MISSING, **rule: Any) -> Any:
@@ -146,7 +147,7 @@ class Reader:
         return self.obj(key) if self.has(key) else None
 
     def text_or_none(self, key: str, *, pattern: re.Pattern[str] | None = None, max_length: int | None = None,
-                    choices: tuple[str, ...] | None = None) -> str | None:
+                    choices: tuple[str, ...] | None = None, min_length: int | None = None) -> str | None:
         value = self.data.get(key)
         if value is None:
             return None
@@ -156,6 +157,9 @@ class Reader:
             raise InvalidSpecError(self.at(key), f"{value!r} is not one of {', '.join(choices)}")
         if max_length is not None and len(value) > max_length:
             raise InvalidSpecError(self.at(key), f"longer than {max_length} characters")
+        if min_length is not None and len(value) < min_length:
+            raise InvalidSpecError(self.at(key), "must not be empty" if min_length == 1 else
+                                   f"shorter than {min_length} characters")
         if pattern is not None and not pattern.match(value):
             expected = _PATTERN_NAMES.get(pattern.pattern, f"match {pattern.pattern}")
             raise InvalidSpecError(self.at(key), f"{value!r} must be {expected}")
@@ -219,7 +223,8 @@ class Reader:
         if kind is float:
             return self.number_or_none(key, rule.minimum, rule.maximum, low_exclusive=rule.exclusive_minimum)
         if kind is str:
-            return self.text_or_none(key, pattern=rule.pattern, max_length=rule.max_length, choices=rule.enum)
+            return self.text_or_none(key, pattern=rule.pattern, max_length=rule.max_length, choices=rule.enum,
+                                     min_length=rule.min_length)
         raise TypeError(f"{self.at(key)}: no reader for {kind!r}")
 
     def _check_range(self, key: str, value: float, low: float | None, high: float | None) -> None:

@@ -8,6 +8,7 @@ from finetune_operator.builders import model_uri
 from finetune_operator.decision import DecisionDraft, ObservedJob
 from finetune_operator.model_verification import record_model_verification
 from finetune_operator.progress import sample_from_result
+from finetune_operator.tracking_status import record_tracking
 
 
 def finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
@@ -23,6 +24,7 @@ def finish_on_success(observed: ObservedJob, draft: DecisionDraft) -> bool:
     final = sample_from_result(rank0.termination_message) or observed.sample
     if final is not None:
         draft.status.record_progress(final, spec.output.uri, spec.distributed.world_size)
+        record_tracking(draft.status, final, spec)
     # The trainer's check of the exported model (spec.evaluation.verifyExport), when it ran.
     record_model_verification(draft.status, [rank0])
     draft.finish(succeeded=True, reason=c.REASON_SUCCEEDED, message=f"Model written to {model}")

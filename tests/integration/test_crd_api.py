@@ -381,6 +381,30 @@ BAD_JOBS: list[tuple[str, Mutation, str, str]] = [
      "spec.topology", "exactly one of topology.required and topology.preferred"),
     ("topology level not a label key", setter("topology", {"required": "rack name"}), "spec.topology.required",
      "should match"),
+    (
+        "tracking uri not http",
+        setter("tracking.mlflow", {"trackingUri": "mlflow.internal:5000", "experiment": "support"}),
+        "spec.tracking.mlflow.trackingUri",
+        "must be an http:// or https:// URL",
+    ),
+    (
+        "tracking experiment empty",
+        setter("tracking.mlflow", {"trackingUri": "http://mlflow:5000", "experiment": ""}),
+        "spec.tracking.mlflow.experiment",
+        "at least 1 chars long",
+    ),
+    (
+        "tracking without experiment",
+        setter("tracking.mlflow", {"trackingUri": "http://mlflow:5000"}),
+        "spec.tracking.mlflow.experiment",
+        "Required value",
+    ),
+    (
+        "registered model name with a slash",
+        setter("tracking.mlflow", {"trackingUri": "http://mlflow:5000", "experiment": "e", "registerModelAs": "a/b"}),
+        "spec.tracking.mlflow.registerModelAs",
+        "should match",
+    ),
     ("unknown spec field", setter("learningRate", 0.1), "spec.learningRate", "unknown field"),
     ("unknown nested field", setter("training.lr", 0.1), "spec.training.lr", "unknown field"),
 ]
@@ -448,6 +472,7 @@ UPDATES: list[tuple[str, Mutation, str | None]] = [
     ("resources changed while suspending", both(setter("suspend", True), setter("resources.cpu", "4")), None),
     ("backoffLimit raised", setter("backoffLimit", 9), None),
     ("ttl set", setter("ttlSecondsAfterFinished", 60), None),
+    ("tracking added", setter("tracking.mlflow", {"trackingUri": "http://mlflow:5000", "experiment": "e"}), None),
 ]
 
 @pytest.fixture
@@ -481,3 +506,15 @@ def test_scheduling_fields_may_change_while_suspended(api: JobsApi) -> None:
     new["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     new["spec"]["suspend"] = False
     assert errors_of(*api.update(new)) == []
+
+
+def test_tracking_cannot_move_to_another_run_while_the_job_exists(api: JobsApi) -> None:
+    job = tiny_job(f"tracked-{uuid.uuid4().hex[:8]}")
+    job["spec"]["tracking"] = {"mlflow": {"trackingUri": "http://mlflow:5000", "experiment": "support"}}
+    status, old = api.create(job, dry_run=False)
+    assert status == 201, old
+    new = copy.deepcopy(old)
+    new["spec"]["tracking"]["mlflow"]["experiment"] = "elsewhere"
+    errors = errors_of(*api.update(new))
+    assert [e.field for e in errors] == ["spec.tracking.mlflow"], errors
+    assert "immutable" in errors[0].message

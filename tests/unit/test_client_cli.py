@@ -198,3 +198,22 @@ def test_each_storage_reads_the_credentials_in_the_environment_now(monkeypatch: 
         storage = ObjectStorage(endpoint="http://127.0.0.1:1", region="us-east-1")
         keys.append(storage._client._request_signer._credentials.access_key)
     assert keys == ["first-key", "second-key"]
+
+
+@pytest.mark.parametrize(
+    ("tracking", "line"),
+    [
+        pytest.param({"runId": "r1", "url": "http://mlflow/#/experiments/1/runs/r1", "reachable": True},
+                     "tracking   http://mlflow/#/experiments/1/runs/r1", id="reachable"),
+        pytest.param({"runId": "r1", "url": "http://mlflow/#/experiments/1/runs/r1", "reachable": False},
+                     "tracking   http://mlflow/#/experiments/1/runs/r1  (tracking server not answering)",
+                     id="unreachable"),
+        pytest.param(None, None, id="no-tracking"),
+    ],
+)
+def test_status_names_the_tracking_run(tracking: dict[str, Any] | None, line: str | None) -> None:
+    from finetune_client.job_view import Job
+
+    status: dict[str, Any] = {"phase": "Running", **({"tracking": tracking} if tracking else {})}
+    lines = cli.status_text(Job({"metadata": {"name": "bot"}, "status": status}), []).splitlines()
+    assert [item for item in lines if item.startswith("tracking")] == ([line] if line else [])

@@ -67,6 +67,7 @@ def test_tiny_example_renders_exactly() -> None:
         "evaluation": {"prompts": ["How do I reset my password?", "My order arrived damaged. What should I do?"],
                        "maxNewTokens": 48, "sampling": False, "temperature": 0.7, "topP": 1.0,
                        "generationTimeoutSeconds": 60, "verifyExport": True},
+        "tracking": {},
         "local": {"cacheDir": "/scratch/cache", "workDir": "/scratch/work"},
         "job": {"name": "tiny-cpu", "namespace": "team-a", "attempt": 0},
     }
@@ -87,9 +88,15 @@ def test_every_optional_section_is_accepted_by_the_trainer() -> None:
                          "credentialsSecret": "creds"},
         "spec.evaluation": {"promptsUri": "s3://data/prompts.jsonl", "maxNewTokens": 16, "sampling": True,
                             "temperature": 0.5, "topP": 0.9, "generationTimeoutSeconds": 30, "verifyExport": False},
+        "spec.tracking.mlflow": {"trackingUri": "https://mlflow.example", "experiment": "support", "runName": "r1",
+                                 "registerModelAs": "support-bot", "credentialsSecret": "mlflow-token"},
         "status": {"attempt": 4},
     })
     config = render_trainer_config(parse_job(body))
+    # The Secret's name stays with the pods' secretKeyRef; the trainer finds the run again by the job's uid.
+    assert config["tracking"] == {"mlflow": {"trackingUri": "https://mlflow.example", "experiment": "support",
+                                             "runName": "r1", "registerModelAs": "support-bot"}}
+    assert config["job"]["uid"] == body["metadata"]["uid"]
     loaded = config_from_dict(config)
     assert loaded.training.lora is not None and loaded.training.lora.targetModules == ["q_proj"]
     assert loaded.training.earlyStopping is not None and loaded.training.earlyStopping.minDelta == 0.01

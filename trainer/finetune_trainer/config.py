@@ -53,6 +53,7 @@ class JobConfig:
     name: str = _help("FineTuneJob name.", "local")
     namespace: str = _help("FineTuneJob namespace.", "default")
     attempt: int = _help("Attempt (gang incarnation) this run is part of.", 0)
+    uid: str | None = _help("FineTuneJob uid: finds the job's tracking run when no checkpoint names it yet.", None)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,19 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    trackingUri: str = _help("MLflow tracking server URL (http(s)://); credentials come from MLFLOW_TRACKING_*.")
+    experiment: str = _help("Experiment of the run; created when absent.")
+    runName: str | None = _help("The run's display name (default: the job's name).", None)
+    registerModelAs: str | None = _help("Registered model that gets a version for the exported model.", None)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: MlflowConfig | None = _help("Log params, metrics and artifacts to MLflow from rank 0.", None)
+
+
+@dataclass(frozen=True)
 class LocalPathsConfig:
     cacheDir: str = _help("Node-local model and data cache (shared by the ranks of a pod).", "/scratch/cache")
     workDir: str = _help("Node-local folder for checkpoints before upload and the export.", "/scratch/work")
@@ -267,6 +281,7 @@ class TrainerConfig:
     storage: StorageConfig = _help(
         "Object storage access (credentials come from the default chain).", default_factory=StorageConfig
     )
+    tracking: TrackingConfig = _help("Experiment tracking (rank 0 only).", default_factory=TrackingConfig)
     local: LocalPathsConfig = _help("Node-local paths.", default_factory=LocalPathsConfig)
     job: JobConfig = _help("Owning FineTuneJob.", default_factory=JobConfig)
 
@@ -446,6 +461,11 @@ def validate(config: TrainerConfig) -> TrainerConfig:
         raise ConfigError("metrics.pushgateway", "must be an http(s) URL")
     if config.storage.endpoint is not None and not re.match(r"^https?://\S+$", config.storage.endpoint):
         raise ConfigError("storage.endpoint", "must be an http(s) URL")
+    mlflow = config.tracking.mlflow
+    if mlflow is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", mlflow.trackingUri):
+        raise ConfigError("tracking.mlflow.trackingUri", "must be an http:// or https:// URL")
+    if mlflow is not None and not mlflow.experiment:
+        raise ConfigError("tracking.mlflow.experiment", "must not be empty")
     return config
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 RESULT_NAME = "result.json"
 SUMMARY_KEYS = ("steps", "maxSteps", "epoch", "trainLoss", "evalLossBefore", "evalLossAfter", "bestEvalLoss",
-                "tokensSeen", "wallTimeSeconds")
+                "tokensSeen", "wallTimeSeconds", "tracking")
 MODEL_DIR = "model"
 # A pickle of TrainingArguments that HF writes beside every saved model: not part of a model folder.
 NOT_EXPORTED = {"training_args.bin"}
@@ -138,6 +138,7 @@ def summarize(
     precision: str,
     data: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
+    tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """result.json's content, from the Trainer's log history (which a resume restores); ``extra`` holds the
     samples and the verification verdict."""
@@ -170,6 +171,8 @@ def summarize(
         "precision": precision,
         "data": data or {},
         "job": {"name": config.job.name, "namespace": config.job.namespace, "attempt": config.job.attempt},
+        # The experiment-tracking run ({runId, experimentId}), when one was started.
+        "tracking": tracking,
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }

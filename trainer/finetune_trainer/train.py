@@ -85,6 +85,7 @@ from finetune_trainer.metrics import MetricsCallback, TokenCounter, TrainerMetri
 from finetune_trainer.resume import restore_checkpoint
 from finetune_trainer.samples import SamplesCallback, load_prompts
 from finetune_trainer.storage import ObjectStore, open_store, pull_model
+from finetune_trainer.tracking_mlflow import RUN_START_WAIT_S, MlflowTracker, TrackingCallback, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,7 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
     preemption = Preemption()
     preemption.install()
     metrics = start_metrics(config, ctx)
+    tracking: MlflowTracker | None = None
     try:
         init_distributed(ctx, cuda)
         precision = resolve_precision(
@@ -434,7 +436,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         )
         if restored is not None and ctx.rank == 0:
             checkpoints.counter.restored_tokens = restored.manifest.tokensSeen
-        training = build_trainer(config, model, args, inputs, checkpoints, metrics, extra_callbacks)
+        tracking = start_tracking(config, ctx, metrics, store, restored.path if restored else None, inputs.model_dir)
+        training = build_trainer(config, model, args, inputs, checkpoints, metrics, extra_callbacks, tracking)
         train_started = time.time()
         output = training.trainer.train(resume_from_checkpoint=str(restored.path) if restored is not None else None)
         train_seconds = time.time() - train_started
@@ -453,6 +456,8 @@ def run(config: TrainerConfig, extra_callbacks: Sequence[TrainerCallback] = ()) 
         return RunOutcome(exit_codes.PREEMPTED, "preempted before training started; nothing to checkpoint")
     finally:
         preemption.uninstall()
+        if tracking is not None:
+            tracking.close()
         metrics.close()
         if store is not None:
             store.close()
@@ -520,6 +525,7 @@ class Training:
     early_stopping: EarlyStoppingCallback | None
     history: HistoryCallback | None
     samples: SamplesCallback | None = None
+    tracking: MlflowTracker | None = None
 
 
 def build_trainer(
@@ -530,9 +536,10 @@ def build_trainer(
     checkpoints: CheckpointProtocol,
     metrics: TrainerMetrics,
     extra_callbacks: Sequence[TrainerCallback],
+    tracking: MlflowTracker | None = None,
 ) -> Training:
-    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history (rank 0), the sample answers
-    (before the history's upload at a save), then ``extra_callbacks`` and early stopping."""
+    """HF's Trainer with the trainer's callbacks: metrics, checkpoints, the history and tracking (rank 0), the
+    sample answers (before the history's upload at a save), then ``extra_callbacks`` and early stopping."""
     metrics_callback = MetricsCallback(metrics, checkpoints.counter)
     callbacks: list[TrainerCallback] = [metrics_callback, CheckpointCallback(checkpoints)]
     history = None
@@ -548,6 +555,9 @@ def build_trainer(
             preempt_deadline=lambda: checkpoints.preempt_deadline if checkpoints.preempted else None,
         )
         callbacks.append(history)
+    if tracking is not None:
+        # After the checkpoint's callback (its save decision) and the metrics' (the interval's tokens/s).
+        callbacks.append(TrackingCallback(tracking, lambda: metrics_callback.last_tokens_per_second))
     callbacks.extend(extra_callbacks)
     early_stopping = None
     if config.training.earlyStopping is not None:
@@ -564,7 +574,7 @@ def build_trainer(
         callbacks=callbacks,
         token_counter=checkpoints.counter,
     )
-    return Training(trainer, checkpoints, early_stopping, history, samples)
+    return Training(trainer, checkpoints, early_stopping, history, samples, tracking)
 
 
 def preempted_outcome(checkpoints: CheckpointProtocol) -> RunOutcome:
@@ -608,7 +618,7 @@ def export_and_report(
     if ctx.rank == 0 and config.evaluation.verifyExport:
         details["verification"] = verify.check_export(config, store, model_uri, inputs.model_dir, inputs.prompts)
     if ctx.rank == 0:
-        export.write_result(
+        result = export.write_result(
             config,
             store,
             trainer.state,
@@ -623,7 +633,11 @@ def export_and_report(
             precision=report.precision,
             data=inputs.data.stats.to_dict(),
             extra=details,
+            tracking=training.tracking.run_info(wait=RUN_START_WAIT_S) if training.tracking is not None else None,
         )
+        if training.tracking is not None:
+            # A model that failed its check is not registered; the run is marked FAILED.
+            training.tracking.finish(result, export.model_uri(config).rstrip("/"))
     verification = details.get("verification")
     if verification is not None and not verification["ok"]:
         return RunOutcome(exit_codes.INVALID, f"{verify.FAILED_PREFIX}: {verification['problem']}")
