@@ -21,12 +21,14 @@ from finetune_client.job import (
     Gang,
     Lora,
     Metrics,
+    Mlflow,
     Model,
     Output,
     Resources,
     RestartBackoff,
     Storage,
     Topology,
+    Tracking,
     Training,
 )
 from finetune_client.job_view import Job
@@ -50,6 +52,7 @@ __all__ = [
     "LogNotFound",
     "Lora",
     "Metrics",
+    "Mlflow",
     "Model",
     "Output",
     "Resources",
@@ -57,5 +60,6 @@ __all__ = [
     "Storage",
     "StorageFailed",
     "Topology",
+    "Tracking",
     "Training",
 ]

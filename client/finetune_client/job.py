@@ -167,6 +167,22 @@ class Topology:
 
 
 @dataclass
+class Mlflow:
+    """An MLflow run for the job; ``credentials_secret`` names a Secret with MLFLOW_TRACKING_* keys."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str | None = None
+    register_model_as: str | None = None
+    credentials_secret: str | None = None
+
+
+@dataclass
+class Tracking:
+    mlflow: Mlflow | None = None
+
+
+@dataclass
 class RestartBackoff:
     initial_seconds: int | None = None
     max_seconds: int | None = None
@@ -204,6 +220,7 @@ class FineTuneJob:
     storage: Storage | None = None
     metrics: Metrics | None = None
     evaluation: Evaluation | None = None
+    tracking: Tracking | None = None
     gang: Gang | None = None
     topology: Topology | None = None
     restart_backoff: RestartBackoff | None = None
@@ -216,7 +233,7 @@ class FineTuneJob:
     extra_spec: dict[str, Any] = field(default_factory=dict)
 
     SECTIONS = ("model", "dataset", "output", "training", "distributed", "checkpoint", "resources", "storage",
-                "metrics", "evaluation", "gang", "topology", "restart_backoff", "suspend", "backoff_limit",
+                "metrics", "evaluation", "tracking", "gang", "topology", "restart_backoff", "suspend", "backoff_limit",
                 "queue_name", "workload_priority_class")
 
     def to_manifest(self) -> dict[str, Any]:

@@ -104,8 +104,11 @@ def test_evaluation_gang_and_queue_fields_take_the_crds_names() -> None:
         topology=builder.Topology(required="topology.kubernetes.io/zone"),
         training=Training(max_steps=20, early_stopping=builder.EarlyStopping(patience=3)),
         queue_name="team-a",
+        tracking=builder.Tracking(builder.Mlflow("http://mlflow:5000", "support", register_model_as="support-bot")),
     )
     spec = job.to_manifest()["spec"]
+    assert spec["tracking"] == {"mlflow": {"trackingUri": "http://mlflow:5000", "experiment": "support",
+                                           "registerModelAs": "support-bot"}}
     assert spec["evaluation"] == {"prompts": ["How do I reset my password?"], "maxNewTokens": 32}
     assert spec["gang"] == {"scheduler": "volcano", "minMember": 1}
     assert spec["topology"] == {"required": "topology.kubernetes.io/zone"}
