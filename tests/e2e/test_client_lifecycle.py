@@ -17,11 +17,10 @@ import struct
 import subprocess
 import termios
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import ftj, read_json, s3_keys
+from e2e_helpers import ftj, read_json, s3_keys, training_process
 
 from finetune_client import Client
 from localcluster import pytest_plugin
@@ -44,40 +43,6 @@ def newest_checkpoint(cluster: LocalCluster) -> int:
     """The step of the newest complete checkpoint in S3 (its manifest is written last), 0 when there is none."""
     manifests = [k for k in s3_keys(cluster, f"{NAME}/checkpoints/") if k.endswith("/manifest.json")]
     return max((int(k.split("/")[2].removeprefix("step-")) for k in manifests), default=0)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def training_process(cluster: LocalCluster, pod: str, rank: int = 0) -> int | None:
-    """The pid of the pod's trainer rank (``-m finetune_trainer`` with RANK=rank; not torchrun, not the launcher)."""
-    assert cluster.kubelet is not None
-    container = cluster.kubelet.container_pid("default", pod)
-    for pid in descendants(container) if container else []:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        modules = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-m"]
-        if modules[:1] == [b"finetune_trainer"] and f"RANK={rank}".encode() in environ:
-            return pid
-    return None
 
 
 def live_view(env: dict[str, str], seconds: float) -> bytes:
