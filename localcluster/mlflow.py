@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from localcluster.processes import log_tail, stop_process_group
+from localcluster.processes import LocalServer
 from localcluster.seaweedfs import REGION, SeaweedFS
 
 # A fresh database runs MLflow's migrations first: tens of seconds on a busy 2-core machine.
@@ -35,38 +31,25 @@ class MlflowServerError(RuntimeError):
     """The server did not start; the message carries its log tail."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class MlflowServer:
+class MlflowServer(LocalServer):
     """``mlflow server`` in its own process group, logging to ``mlflow.log`` in ``data_dir``."""
 
+    name = "mlflow"
+    ready_path = "/health"
+    start_timeout_s = START_TIMEOUT_S
+    stop_timeout_s = STOP_TIMEOUT_S
+    error = MlflowServerError
+
     def __init__(self, data_dir: Path, s3: SeaweedFS, *, bucket: str = ARTIFACTS_BUCKET, port: int | None = None):
-        self.data_dir = Path(data_dir).resolve()
+        super().__init__(data_dir, port)
         self.s3 = s3
         self.bucket = bucket
-        self.port = port or _free_port()
-        self.log_path = self.data_dir / "mlflow.log"
-        self.start_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def artifacts_uri(self) -> str:
         return f"s3://{self.bucket}/artifacts"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def command(self) -> list[str]:
+    def _command(self) -> list[str]:
         return [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1",
@@ -76,7 +59,7 @@ class MlflowServer:
             "--artifacts-destination", self.artifacts_uri,
         ]
 
-    def environment(self) -> dict[str, str]:
+    def _environment(self) -> dict[str, str]:
         """The server's environment: SeaweedFS for the artifacts, and nothing reported anywhere."""
         env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
         env.update(
@@ -89,36 +72,10 @@ class MlflowServer:
         )
         return env
 
-    def start(self) -> None:
-        if self.running:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
         existing = {bucket["Name"] for bucket in self.s3.client().list_buckets().get("Buckets", [])}
         if self.bucket not in existing:
             self.s3.create_bucket(self.bucket)
-        began = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                self.command(), cwd=self.data_dir, env=self.environment(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        while time.monotonic() - began < START_TIMEOUT_S:
-            if self._process.poll() is not None:
-                code, self._process = self._process.returncode, None
-                raise MlflowServerError(f"mlflow server exited with code {code} while starting\n{self.log_tail()}")
-            if self.healthy():
-                self.start_seconds = time.monotonic() - began
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise MlflowServerError(f"mlflow server on {self.url} not ready in {START_TIMEOUT_S:.0f} s\n{self.log_tail()}")
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                return int(response.status) == 200
-        except (OSError, urllib.error.URLError):
-            return False
 
     # --- reading it back as an outside client would (its REST API) --------------------------------------------
 
@@ -161,20 +118,3 @@ class MlflowServer:
         versions: list[dict[str, Any]] = self.api("model-versions/search", filter=f"name = '{name}'").get(
             "model_versions", [])
         return versions
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process_group(process, STOP_TIMEOUT_S)
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from localcluster.processes import log_tail, stop_process_group
+from localcluster.processes import LocalServer
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -43,13 +40,6 @@ def pushgateway_available() -> bool:
     return pushgateway_binary() is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -58,81 +48,15 @@ def _http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(error.code), bytes(error.read())
 
 
-class _LocalServer:
-    """One binary in its own process group, logging to a file, ready when `ready_path` answers 200."""
+class PrometheusServer(LocalServer):
+    """Prometheus's servers: ready at /-/ready, their start failures PrometheusError."""
 
-    name = "server"
-    ready_path = "/-/ready"
-
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.port = port or _free_port()
-        self.log_path = self.data_dir / f"{self.name}.log"
-        self.start_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """host:port, as a scrape target or a client's gateway address."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def _command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self.running:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = self._command()
-        began = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        while time.monotonic() - began < START_TIMEOUT_S:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self._process = None
-                raise PrometheusError(f"{self.name} exited with code {code} while starting\n{self._log_tail()}")
-            try:
-                status, _ = _http_get(self.url + self.ready_path, timeout=1)
-                if status == 200:
-                    self.start_seconds = time.monotonic() - began
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise PrometheusError(f"{self.name} on {self.url} not ready within {START_TIMEOUT_S:.0f} s\n{self._log_tail()}")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process_group(process, STOP_TIMEOUT_S)
-
-    def _log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
+    start_timeout_s = START_TIMEOUT_S
+    stop_timeout_s = STOP_TIMEOUT_S
+    error = PrometheusError
 
 
-class Prometheus(_LocalServer):
+class Prometheus(PrometheusServer):
     """Prometheus scraping static targets, the kubelet's file_sd pods and a Pushgateway every 2 s."""
 
     name = "prometheus"
@@ -245,7 +169,7 @@ class Prometheus(_LocalServer):
 
 
 
-class Pushgateway(_LocalServer):
+class Pushgateway(PrometheusServer):
     """Prometheus Pushgateway, where batch jobs push final metrics; `address` is what clients push to."""
 
     name = "pushgateway"
