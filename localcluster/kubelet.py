@@ -211,10 +211,10 @@ class Kubelet:
 
     def kill_container(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal the container's process group, as a crash or the OOM killer would; the pod reports the exit."""
-        record = self._find(namespace, name)
-        if record is None or record.process is None:
+        pid = self.container_pid(namespace, name)
+        if pid is None:
             raise LookupError(f"no running container for pod {namespace}/{name}")
-        signal_group(record.process.pid, sig)
+        signal_group(pid, sig)
 
     def evict(self, namespace: str, name: str, message: str = "The node was low on resource: memory. ") -> None:
         """Evict like the kubelet under node pressure: SIGTERM, grace, SIGKILL, then phase Failed/Evicted."""
@@ -228,17 +228,14 @@ class Kubelet:
     def container_pid(self, namespace: str, name: str) -> int | None:
         """The pid of the pod's running container process (the workload's processes are its descendants)."""
         record = self._find(namespace, name)
-        if record is None or record.process is None or record.process.returncode is not None:
-            return None
-        return int(record.process.pid)
+        process = record.process if record is not None else None
+        return int(process.pid) if process is not None and process.returncode is None else None
 
     def pod_ip(self, namespace: str, name: str) -> str | None:
-        record = self._find(namespace, name)
-        return record.ip if record else None
+        return record.ip if (record := self._find(namespace, name)) else None
 
     def log_path(self, namespace: str, name: str, container: str | None = None) -> Path | None:
-        record = self._find(namespace, name)
-        if record is None:
+        if (record := self._find(namespace, name)) is None:
             return None
         runs = {**record.init_containers, **record.containers}
         run = runs.get(container) if container else next(iter(record.containers.values()), None)
@@ -685,12 +682,11 @@ class Kubelet:
         records = headless_records(((r.pod, r.ip) for r in members), services).get(namespace, [])
         for record in [r for r in self._records.values() if r.namespace == namespace]:
             text = hosts_file(record.pod, record.ip, records)
-            if text == record.hosts_text:
-                continue
-            record.hosts_text = text
-            path = record.directory / "hosts"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            rewrite_in_place(path, text.encode())
+            if text != record.hosts_text:
+                record.hosts_text = text
+                path = record.directory / "hosts"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                rewrite_in_place(path, text.encode())
 
     def _write_file_sd(self) -> None:
         running = [(r.pod, r.ip) for r in self._records.values() if r.phase == "Running"]
