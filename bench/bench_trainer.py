@@ -161,7 +161,7 @@ def worker_plain(config_path: Path, probe_path: Path) -> int:
     from finetune_trainer.config import load_config
     from finetune_trainer.data_store import build_datasets
     from finetune_trainer.storage import pull_model
-    from finetune_trainer.train import DTYPES, build_deepspeed_config
+    from finetune_trainer.train import DTYPES, build_deepspeed_config, resolve_precision
 
     config = load_config(config_path)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -171,7 +171,7 @@ def worker_plain(config_path: Path, probe_path: Path) -> int:
     data = build_datasets(config, tokenizer, local_rank=local_rank)
     t = config.training
     cuda = torch.cuda.is_available()
-    precision = t.precision if cuda and t.precision != "auto" else "fp32"
+    precision = resolve_precision(t.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
